@@ -1,0 +1,1 @@
+"""keyhive: one live asyncio agent per key."""

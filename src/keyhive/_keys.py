@@ -1,0 +1,106 @@
+"""Key validation and the encoding of ``(manager, partition, key)`` into storage keys.
+
+A storage key is canonical compact JSON: ``["<manager>",<partition>,<key>]`` where
+``str`` and ``int`` stay as they are, ``bytes`` become ``{"b":"<base64>"}``, a UUID
+``{"u":"<uuid>"}``, a tuple a JSON array, and no partition ``null``. The encoding is
+injective (``1``, ``"1"`` and ``(1,)`` are three keys) and readable in any backend's
+own tools. ``storage_prefix`` gives the prefix that lists one manager or partition.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from typing import Any, TypeAlias
+
+__all__ = [
+    "MAX_KEY_BYTES",
+    "Key",
+    "check_key",
+    "decode_storage_key",
+    "storage_key",
+    "storage_prefix",
+]
+
+Key: TypeAlias = "str | int | bytes | uuid.UUID | tuple[Key, ...]"
+
+MAX_KEY_BYTES = 1024
+MAX_KEY_DEPTH = 16
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _tagged(key: object, depth: int, what: str) -> Any:
+    kind = type(key)
+    if kind is str or kind is int:
+        return key
+    if kind is bytes:
+        return {"b": base64.b64encode(key).decode("ascii")}  # type: ignore[arg-type]
+    if kind is uuid.UUID:
+        return {"u": str(key)}
+    if kind is tuple:
+        if depth >= MAX_KEY_DEPTH:
+            raise ValueError(f"{what} nests tuples deeper than {MAX_KEY_DEPTH} levels")
+        return [_tagged(item, depth + 1, what) for item in key]  # type: ignore[attr-defined]
+    # bool is refused on purpose: True == 1 would make two keys one agent.
+    raise TypeError(
+        f"{what} must be str, int, bytes, uuid.UUID or a tuple of these, "
+        f"not {kind.__name__}"
+    )
+
+
+def check_key(key: object, what: str = "key") -> Any:
+    """Validate a key (or partition) and return its tagged JSON form.
+
+    Raises:
+        TypeError: the key (or something nested in it) has an unsupported type.
+        ValueError: the encoded key is over 1024 bytes, or nests too deep.
+    """
+    tagged = _tagged(key, 0, what)
+    if type(key) is not int:
+        size = len(_dumps(tagged).encode())
+        if size > MAX_KEY_BYTES:
+            raise ValueError(f"{what} encodes to {size} bytes; the limit is {MAX_KEY_BYTES}")
+    return tagged
+
+
+def storage_key(manager: str, partition: object, key: object) -> str:
+    """The storage key of one agent's checkpoint."""
+    part = None if partition is None else _tagged(partition, 0, "partition")
+    return _dumps([manager, part, _tagged(key, 0, "key")])
+
+
+def storage_prefix(manager: str, *partition: object) -> str:
+    """Prefix of every storage key of ``manager`` (and of one partition, when given)."""
+    parts: list[Any] = [manager]
+    if partition:
+        parts.append(None if partition[0] is None else _tagged(partition[0], 0, "partition"))
+    return _dumps(parts)[:-1] + ","
+
+
+def _untag(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_untag(item) for item in value)
+    if isinstance(value, dict):
+        if "b" in value:
+            return base64.b64decode(value["b"])
+        if "u" in value:
+            return uuid.UUID(value["u"])
+        raise ValueError(f"unknown key tag {value!r}")
+    return value
+
+
+def decode_storage_key(skey: str) -> tuple[str, Any, Any]:
+    """``(manager, partition, key)`` from a storage key built by :func:`storage_key`.
+
+    Raises:
+        ValueError: ``skey`` was not built by keyhive.
+    """
+    try:
+        manager, partition, key = json.loads(skey)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not a keyhive storage key: {skey!r}") from exc
+    if not isinstance(manager, str):
+        raise ValueError(f"not a keyhive storage key: {skey!r}")
+    return manager, None if partition is None else _untag(partition), _untag(key)

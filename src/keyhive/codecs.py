@@ -1,0 +1,111 @@
+"""State codecs and the checkpoint envelope.
+
+A codec turns an agent's state into bytes and back. The default :class:`JSONCodec`
+(msgspec) takes JSON-compatible values plus dataclasses, msgspec Structs, pydantic
+models, ``datetime`` and ``UUID``; with a ``state_type`` it decodes into that type.
+Nothing is ever unpickled.
+
+Every checkpoint is wrapped in an envelope so that a torn or corrupt write is detected
+on thaw instead of being restored as wrong state::
+
+    keyhive/1 <state_version> <crc32 of payload, 8 hex> <payload length>\\n<payload>
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Protocol, runtime_checkable
+
+import msgspec
+
+from ._errors import CodecError
+
+__all__ = ["Codec", "JSONCodec", "pack", "unpack"]
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """Encodes states to bytes and decodes them back, optionally into ``state_type``."""
+
+    def encode(self, state: Any) -> bytes:
+        """Bytes for ``state``; raise :class:`~keyhive.CodecError` when it cannot be encoded."""
+        ...
+
+    def decode(self, data: bytes, state_type: type[Any] | None = None) -> Any:
+        """The state encoded in ``data`` (as ``state_type`` when given)."""
+        ...
+
+
+def _is_pydantic(tp: type[Any]) -> bool:
+    return hasattr(tp, "model_validate") and hasattr(tp, "model_dump")
+
+
+def _enc_hook(obj: Any) -> Any:
+    if hasattr(obj, "model_dump") and hasattr(type(obj), "model_validate"):
+        return obj.model_dump(mode="json")
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+class JSONCodec:
+    """JSON via msgspec: compact, fast, and readable in any storage tool."""
+
+    __slots__ = ("_decoder", "_encoder")
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+        self._decoder = msgspec.json.Decoder()
+
+    def encode(self, state: Any) -> bytes:
+        try:
+            return self._encoder.encode(state)
+        except (TypeError, NotImplementedError, ValueError, OverflowError,
+                msgspec.EncodeError) as exc:
+            raise CodecError(f"state is not JSON-encodable: {exc}") from exc
+
+    def decode(self, data: bytes, state_type: type[Any] | None = None) -> Any:
+        try:
+            if state_type is None:
+                return self._decoder.decode(data)
+            if _is_pydantic(state_type):
+                return state_type.model_validate(self._decoder.decode(data))
+            return msgspec.json.decode(data, type=state_type)
+        except CodecError:
+            raise
+        except Exception as exc:
+            raise CodecError(f"cannot decode state: {exc}") from exc
+
+
+_MAGIC = b"keyhive/1 "
+
+
+def pack(state_version: int, payload: bytes) -> bytes:
+    """Wrap an encoded state in the checkpoint envelope."""
+    header = f"{state_version} {zlib.crc32(payload):08x} {len(payload)}\n".encode("ascii")
+    return _MAGIC + header + payload
+
+
+def unpack(data: bytes) -> tuple[int, bytes]:
+    """``(state_version, payload)`` from a checkpoint, verifying length and checksum.
+
+    Raises:
+        CodecError: not a keyhive checkpoint, truncated, or corrupt.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise CodecError(f"checkpoint must be bytes, not {type(data).__name__}")
+    data = bytes(data)
+    if not data.startswith(_MAGIC):
+        raise CodecError("not a keyhive checkpoint (bad header)")
+    end = data.find(b"\n", len(_MAGIC), len(_MAGIC) + 64)
+    if end < 0:
+        raise CodecError("truncated checkpoint header")
+    try:
+        version_s, crc_s, length_s = data[len(_MAGIC):end].decode("ascii").split(" ")
+        state_version, crc, length = int(version_s), int(crc_s, 16), int(length_s)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CodecError("corrupt checkpoint header") from exc
+    payload = data[end + 1:]
+    if len(payload) != length:
+        raise CodecError(f"truncated checkpoint: {len(payload)} of {length} payload bytes")
+    if zlib.crc32(payload) != crc:
+        raise CodecError("corrupt checkpoint: checksum mismatch")
+    return state_version, payload

@@ -1,0 +1,154 @@
+"""FileStorage: one file per checkpoint in a directory, written atomically."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import os
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+from .._errors import ConflictError, StorageError
+from ._base import Checkpoint, StoredKey
+
+__all__ = ["FileStorage"]
+
+_MAGIC = b"keyhive-file/1\n"
+
+
+class FileStorage:
+    """Checkpoints as files under ``directory`` (``file:///path/to/dir``).
+
+    Each storage key maps to ``<sha256 of key>.ckpt``, so no key (``../../x``, an
+    absolute path, NUL bytes) can name a file outside the directory. A file holds the
+    key, its version and the bytes. Writes go to a temp file that is fsynced and then
+    renamed over the old one, so a crash leaves the old or the new checkpoint, never a
+    torn one; an ``flock`` on the directory makes compare-and-set safe across processes.
+    Blocking file calls run in worker threads, never on the event loop.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        if not isinstance(directory, str | os.PathLike):
+            raise TypeError(f"directory must be a path, not {type(directory).__name__}")
+        self.directory = Path(directory)
+        if str(self.directory) == "":
+            raise ValueError("FileStorage needs a directory, e.g. FileStorage('./checkpoints')")
+        self._ready = False
+        self._closed = False
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<FileStorage {str(self.directory)!r}>"
+
+    def _path(self, key: str) -> Path:
+        if type(key) is not str:
+            raise TypeError(f"storage keys are str, not {type(key).__name__}")
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+        return self.directory / f"{digest}.ckpt"
+
+    def _prepare(self) -> None:
+        if self._closed:
+            raise StorageError(f"{self!r} is closed")
+        if not self._ready:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.directory, os.W_OK | os.X_OK):
+                raise PermissionError(f"directory {str(self.directory)!r} is not writable")
+            self._ready = True
+
+    @staticmethod
+    def _read(path: Path) -> tuple[str, int, bytes] | None:
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if not raw.startswith(_MAGIC):
+            raise StorageError(f"{path} is not a keyhive checkpoint file")
+        rest = raw[len(_MAGIC):]
+        key_end = rest.index(b"\n")
+        ver_end = rest.index(b"\n", key_end + 1)
+        key = rest[:key_end].decode("utf-8", "surrogatepass")
+        return key.replace("\\n", "\n").replace("\\\\", "\\"), int(rest[key_end + 1:ver_end]), rest[ver_end + 1:]
+
+    @staticmethod
+    def _escape(key: str) -> bytes:
+        return key.replace("\\", "\\\\").replace("\n", "\\n").encode("utf-8", "surrogatepass")
+
+    def _load_sync(self, key: str) -> Checkpoint | None:
+        self._prepare()
+        entry = self._read(self._path(key))
+        return None if entry is None else Checkpoint(entry[2], entry[1])
+
+    def _save_sync(self, key: str, data: bytes, expected_version: int | None) -> int:
+        self._prepare()
+        path = self._path(key)
+        lock_fd = os.open(self.directory / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            entry = self._read(path)
+            current = None if entry is None else entry[1]
+            if current != expected_version:
+                raise ConflictError(
+                    f"version conflict on {key!r}: expected {expected_version}, stored {current}"
+                )
+            version = 1 if current is None else current + 1
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".ckpt")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(_MAGIC + self._escape(key) + b"\n" + str(version).encode() + b"\n")
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+            dir_fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            return version
+        finally:
+            os.close(lock_fd)
+
+    def _delete_sync(self, key: str) -> bool:
+        self._prepare()
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _scan_sync(self, prefix: str) -> Iterator[StoredKey]:
+        self._prepare()
+        for path in self.directory.glob("*.ckpt"):
+            if path.name.startswith("."):
+                continue
+            entry = self._read(path)
+            if entry is not None and entry[0].startswith(prefix):
+                yield StoredKey(entry[0], entry[1], len(entry[2]), path.stat().st_mtime)
+
+    async def load(self, key: str) -> Checkpoint | None:
+        return await asyncio.to_thread(self._load_sync, key)
+
+    async def save(self, key: str, data: bytes, *, expected_version: int | None) -> int:
+        if not isinstance(data, bytes):
+            raise TypeError(f"checkpoint data must be bytes, not {type(data).__name__}")
+        async with self._lock:
+            return await asyncio.to_thread(self._save_sync, key, data, expected_version)
+
+    async def delete(self, key: str) -> bool:
+        async with self._lock:
+            return await asyncio.to_thread(self._delete_sync, key)
+
+    async def iter_keys(self, prefix: str = "") -> AsyncIterator[StoredKey]:
+        for item in await asyncio.to_thread(lambda: list(self._scan_sync(prefix))):
+            yield item
+
+    async def aclose(self) -> None:
+        self._closed = True
+
