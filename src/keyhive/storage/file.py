@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import fcntl
 import hashlib
@@ -16,7 +17,7 @@ from ._base import Checkpoint, StoredKey
 
 __all__ = ["FileStorage"]
 
-_MAGIC = b"keyhive-file/1\n"
+_MAGIC = b"keyhive-file/1\n"  # then: base64(key) \n version \n data
 
 
 class FileStorage:
@@ -69,12 +70,12 @@ class FileStorage:
         rest = raw[len(_MAGIC):]
         key_end = rest.index(b"\n")
         ver_end = rest.index(b"\n", key_end + 1)
-        key = rest[:key_end].decode("utf-8", "surrogatepass")
-        return key.replace("\\n", "\n").replace("\\\\", "\\"), int(rest[key_end + 1:ver_end]), rest[ver_end + 1:]
+        key = base64.b64decode(rest[:key_end]).decode("utf-8", "surrogatepass")
+        return key, int(rest[key_end + 1:ver_end]), rest[ver_end + 1:]
 
     @staticmethod
     def _escape(key: str) -> bytes:
-        return key.replace("\\", "\\\\").replace("\n", "\\n").encode("utf-8", "surrogatepass")
+        return base64.b64encode(key.encode("utf-8", "surrogatepass"))
 
     def _load_sync(self, key: str) -> Checkpoint | None:
         self._prepare()

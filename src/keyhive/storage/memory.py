@@ -18,7 +18,7 @@ class MemoryStorage:
     behaviour. Bytes are stored as given (``bytes`` are immutable, so nothing is copied).
     """
 
-    __slots__ = ("_data", "_closed")
+    __slots__ = ("_closed", "_data")
 
     def __init__(self) -> None:
         self._data: dict[str, tuple[bytes, int, float]] = {}

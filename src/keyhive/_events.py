@@ -1,0 +1,58 @@
+"""Stop reasons and lifecycle events."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Event", "EventKind", "StopReason"]
+
+
+class StopReason(enum.StrEnum):
+    """Why an agent incarnation stopped."""
+
+    IDLE_TIMEOUT = "idle_timeout"
+    """Nothing was attached for ``idle_timeout``; the agent hibernated."""
+    STOPPED = "stopped"
+    """``manager.stop(key)``."""
+    NORMAL = "normal"
+    """The agent called ``self.stop()``."""
+    SHUTDOWN = "shutdown"
+    """The manager closed."""
+    CONFLICT = "conflict"
+    """Another incarnation wrote newer state; this one stopped without overwriting it."""
+    UNSAVED = "unsaved"
+    """The manager closed before this agent's state could be saved (see the close error)."""
+
+
+class EventKind(enum.StrEnum):
+    """What happened to an agent."""
+
+    STARTED = "started"
+    THAWED = "thawed"
+    THAW_FAILED = "thaw_failed"
+    ATTACHED = "attached"
+    DETACHED = "detached"
+    IDLE = "idle"
+    HIBERNATED = "hibernated"
+    HIBERNATE_FAILED = "hibernate_failed"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One lifecycle event, as passed to ``manager.subscribe`` callbacks.
+
+    ``time`` is the event loop's clock; ``reason`` is set on ``stopped`` (and on
+    ``idle``/``hibernated``/``hibernate_failed`` with the reason of the stop under way);
+    ``error`` on ``thaw_failed`` and ``hibernate_failed``.
+    """
+
+    kind: EventKind
+    manager: str
+    key: Any
+    partition: Any
+    time: float
+    reason: StopReason | None = None
+    error: BaseException | None = None

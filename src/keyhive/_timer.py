@@ -1,0 +1,92 @@
+"""Idle deadlines on the event loop's clock, bucketed so that an idle agent holds no timer.
+
+Agents whose deadlines fall in the same ``resolution``-wide slot share one
+``loop.call_at`` handle; each agent only holds the float of its slot. A slot fires no
+earlier than every deadline in it, so an agent never idles out early, and at most
+``resolution`` late. Moving a deadline later costs nothing here: the old slot fires,
+finds the agent not due yet and files it again. This module is the only one that reads
+the loop's clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+__all__ = ["DeadlineWheel"]
+
+
+class _Timed(Protocol):
+    _armed: float | None
+    _deadline: float | None
+
+
+class DeadlineWheel:
+    """Slots of deadlines, one loop timer per slot."""
+
+    __slots__ = ("_handles", "_loop", "_on_due", "_resolution", "_slots")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, resolution: float,
+                 on_due: Callable[[list[_Timed]], None]) -> None:
+        self._loop = loop
+        self._resolution = resolution
+        self._on_due = on_due
+        self._slots: dict[float, list[_Timed]] = {}
+        self._handles: dict[float, asyncio.TimerHandle] = {}
+
+    def now(self) -> float:
+        """The loop's clock."""
+        return self._loop.time()
+
+    def arm(self, item: _Timed, deadline: float) -> None:
+        """Make sure a slot at or before ``deadline`` will look at ``item``."""
+        armed = item._armed
+        if armed is not None and armed <= deadline:
+            return
+        res = self._resolution
+        at = math.ceil(deadline / res) * res
+        if at < deadline:  # float rounding
+            at += res
+        slot = self._slots.get(at)
+        if slot is None:
+            slot = self._slots[at] = []
+            self._handles[at] = self._loop.call_at(at, self._fire, at)
+        slot.append(item)
+        item._armed = at
+
+    def _fire(self, at: float) -> None:
+        slot = self._slots.pop(at, None)
+        self._handles.pop(at, None)
+        if not slot:
+            return
+        now = max(self._loop.time(), at)
+        due: list[_Timed] = []
+        for item in slot:
+            if item._armed != at:  # filed in an earlier slot since
+                continue
+            item._armed = None
+            deadline = item._deadline
+            if deadline is None:
+                continue
+            if deadline <= now:
+                due.append(item)
+            else:
+                self.arm(item, deadline)
+        if due:
+            self._on_due(due)
+
+    def pending(self) -> int:
+        """How many agents are filed in slots (stale entries included)."""
+        return sum(len(slot) for slot in self._slots.values())
+
+    def close(self) -> None:
+        """Cancel every slot's timer."""
+        for handle in self._handles.values():
+            handle.cancel()
+        self._handles.clear()
+        for slot in self._slots.values():
+            for item in slot:
+                item._armed = None
+        self._slots.clear()
