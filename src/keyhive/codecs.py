@@ -1,9 +1,11 @@
 """State codecs and the checkpoint envelope.
 
 A codec turns an agent's state into bytes and back. The default :class:`JSONCodec`
-(msgspec) takes JSON-compatible values plus dataclasses, msgspec Structs, pydantic
-models, ``datetime`` and ``UUID``; with a ``state_type`` it decodes into that type.
-Nothing is ever unpickled.
+takes JSON-compatible values plus dataclasses, msgspec Structs, pydantic models,
+``datetime`` and ``UUID``; with a ``state_type`` it decodes into that type. It encodes
+with orjson, which refuses what JSON cannot carry faithfully (sets, non-str dict keys,
+cycles) instead of turning it into something else, and decodes typed states with
+msgspec. Nothing is ever unpickled.
 
 Every checkpoint is wrapped in an envelope so that a torn or corrupt write is detected
 on thaw instead of being restored as wrong state::
@@ -17,6 +19,7 @@ import zlib
 from typing import Any, Protocol, runtime_checkable
 
 import msgspec
+import orjson
 
 from ._errors import CodecError
 
@@ -40,34 +43,31 @@ def _is_pydantic(tp: type[Any]) -> bool:
     return hasattr(tp, "model_validate") and hasattr(tp, "model_dump")
 
 
-def _enc_hook(obj: Any) -> Any:
+def _default(obj: Any) -> Any:
+    if isinstance(obj, msgspec.Struct):
+        return msgspec.structs.asdict(obj)
     if hasattr(obj, "model_dump") and hasattr(type(obj), "model_validate"):
         return obj.model_dump(mode="json")
-    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+    raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
 
 
 class JSONCodec:
-    """JSON via msgspec: compact, fast, and readable in any storage tool."""
+    """Compact JSON: fast, and readable in any storage tool."""
 
-    __slots__ = ("_decoder", "_encoder")
-
-    def __init__(self) -> None:
-        self._encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
-        self._decoder = msgspec.json.Decoder()
+    __slots__ = ()
 
     def encode(self, state: Any) -> bytes:
         try:
-            return self._encoder.encode(state)
-        except (TypeError, NotImplementedError, ValueError, OverflowError,
-                msgspec.EncodeError) as exc:
+            return orjson.dumps(state, default=_default)
+        except (TypeError, ValueError, RecursionError) as exc:  # orjson.JSONEncodeError is a TypeError
             raise CodecError(f"state is not JSON-encodable: {exc}") from exc
 
     def decode(self, data: bytes, state_type: type[Any] | None = None) -> Any:
         try:
             if state_type is None:
-                return self._decoder.decode(data)
+                return orjson.loads(data)
             if _is_pydantic(state_type):
-                return state_type.model_validate(self._decoder.decode(data))
+                return state_type.model_validate_json(data)
             return msgspec.json.decode(data, type=state_type)
         except CodecError:
             raise
