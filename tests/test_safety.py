@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -360,3 +361,23 @@ async def test_close_is_shielded_from_cancellation(make_manager: Any) -> None:
     await m.close()  # waits for the drain under way
     assert storage.saves == 10
     assert not m.running
+
+
+async def test_self_stop_during_close_is_saved(make_manager: Any) -> None:
+    """An agent that stops itself while the manager closes is saved by the drain, not dropped."""
+    storage = FaultyStorage()
+    m = make_manager(storage=storage)
+    await m.start()
+    ref = await m.get("k")
+    await ref.call("incr")
+    storage.save_delay = 0.05
+    other = await m.get("other")
+    closing = asyncio.create_task(m.close())
+    await asyncio.sleep(0)
+    with contextlib.suppress(keyhive.AgentStopped):
+        await ref.call("stop")
+    await closing
+    assert ref.stop_reason in (keyhive.StopReason.SHUTDOWN, keyhive.StopReason.NORMAL)
+    assert other.stop_reason is keyhive.StopReason.SHUTDOWN
+    stored = await storage.load(storage_key(m.name, None, "k"))
+    assert stored is not None

@@ -549,11 +549,17 @@ class InstanceManager:
                 expiring.append((ref, StopReason.IDLE_TIMEOUT, False))
         self._kick_reaper()
 
-    def _begin_self_stop(self, ref: AgentRef) -> None:
-        """``agent.stop()`` took effect at the end of a turn; the turn is kept for the stop."""
+    def _begin_self_stop(self, ref: AgentRef) -> bool:
+        """``agent.stop()`` takes effect at the end of a turn: keep the turn for the stop.
+
+        While the manager closes, the drain stops the agent instead (False).
+        """
+        if self._state is not _OPEN:
+            return False
         ref._status = STOPPING
         self._expiring.append((ref, ref._stop_req or StopReason.NORMAL, True))
         self._kick_reaper()
+        return True
 
     def _kick_reaper(self) -> None:
         if self._reaper is None and self._expiring and self._state is _OPEN:
@@ -743,6 +749,10 @@ class InstanceManager:
         for handle in self._retries:
             handle.cancel()
         self._retries.clear()
+        for ref, _, held in self._expiring:
+            if held and ref._status is STOPPING:  # a self-stop not begun: the drain takes it
+                ref._status = RUNNING
+                ref._release()
         self._expiring.clear()
         unsaved: list[AgentRef] = []
         last_error: dict[AgentRef, BaseException] = {}
