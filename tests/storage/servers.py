@@ -58,13 +58,14 @@ def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None =
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
-def start_redis(port: int, data_dir: str) -> subprocess.Popen[bytes]:
+def start_redis(port: int, data_dir: str, *extra: str) -> subprocess.Popen[bytes]:
     """Start (or restart, on the same port and dir) a private redis-server."""
     binary = shutil.which("redis-server")
     assert binary is not None
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", data_dir, "--protected-mode", "yes", "--daemonize", "no", "--loglevel", "warning"],
+         "--dir", data_dir, "--protected-mode", "yes", "--daemonize", "no", "--loglevel", "warning",
+         *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     _wait_port(port, 10, proc)
