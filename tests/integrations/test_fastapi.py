@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import itertools
 import json
@@ -184,8 +185,6 @@ async def test_lifespan_composes_with_the_apps_own() -> None:
         yield {"greeting": "hi"}
         seen.append(manager.running)
 
-    import contextlib
-
     async def hello(request: Request) -> JSONResponse:
         return JSONResponse({"greeting": request.state.greeting})
 
@@ -206,7 +205,7 @@ def test_lifespan_rejects_non_managers() -> None:
 async def test_http_call_and_dependency(
         recorder_app: tuple[keyhive.InstanceManager, EventRecorder, str]) -> None:
     """agent_call gets and calls without attaching; the dependency gives the request's ref."""
-    manager, recorder, host = recorder_app
+    manager, _, host = recorder_app
     async with httpx.AsyncClient() as client:
         assert (await client.post(f"http://{host}/incr/dave")).json() == {"count": 1, "thawed": False}
         ref = await manager.lookup("dave")

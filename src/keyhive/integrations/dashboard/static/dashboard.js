@@ -15,9 +15,10 @@
     for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
     return node;
   }
+  function ago(s) { return s < 1 ? "just now" : secs(s) + " ago"; }
   function secs(s) {
     if (s === null || s === undefined) return "—";
-    if (s < 1) return "now";
+    if (s < 1) return "0 s";
     if (s < 60) return Math.floor(s) + " s";
     if (s < 3600) return Math.floor(s / 60) + " min " + Math.floor(s % 60) + " s";
     return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
@@ -30,7 +31,7 @@
   }
 
   function chart(history, bucketSeconds) {
-    const n = history.started.length, W = 600, H = 120, pad = 16;
+    const n = history.started.length, W = 600, H = 120, pad = 2;
     let max = 1;
     for (let i = 0; i < n; i++) max = Math.max(max, SERIES.reduce((a, s) => a + history[s][i], 0));
     const root = svg("svg", { class: "chart", viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none",
@@ -50,14 +51,10 @@
       }
     }
     root.append(svg("line", { x1: 0, y1: H - pad, x2: W, y2: H - pad, stroke: "#d1d5db" }));
-    const t0 = svg("text", { x: 4, y: H - 3, "font-size": 10, fill: "#6b7585" });
-    t0.textContent = `-${Math.round(n * bucketSeconds / 60)} min`;
-    const t1 = svg("text", { x: W - 28, y: H - 3, "font-size": 10, fill: "#6b7585" });
-    t1.textContent = "now";
-    const t2 = svg("text", { x: 4, y: 11, "font-size": 10, fill: "#6b7585" });
-    t2.textContent = `max ${max} / ${bucketSeconds} s`;
-    root.append(t0, t1, t2);
-    return root;
+    const axis = el("div", { class: "axis" },
+      el("span", {}, `-${Math.round(n * bucketSeconds / 60)} min`),
+      el("span", {}, `bars: events per ${bucketSeconds} s (max ${max})`), el("span", {}, "now"));
+    return el("div", {}, root, axis);
   }
 
   async function stopAgent(id, button) {
@@ -155,7 +152,7 @@
     document.querySelectorAll("[data-deadline]").forEach(n => {
       n.textContent = secs(Math.max(0, parseFloat(n.getAttribute("data-deadline")) - dt)); });
     document.querySelectorAll("[data-ago]").forEach(n => {
-      n.textContent = secs(parseFloat(n.getAttribute("data-ago")) + dt) + " ago"; });
+      n.textContent = ago(parseFloat(n.getAttribute("data-ago")) + dt); });
   }
 
   function connect() {
