@@ -10,26 +10,22 @@ import pytest
 
 import keyhive
 
+from .agents import Counter
 
-class Counter(keyhive.Agent):
-    """The SPEC's example agent, with hooks that record what ran."""
 
-    def initial_state(self, params: dict[str, Any]) -> dict[str, Any]:
-        return {"count": 0, **params}
+@pytest.fixture(autouse=True, scope="session")
+def _current_event_loop() -> Any:
+    """Give the main thread a current loop that is closed at the end.
 
-    async def handle(self, message: Any) -> Any:
-        if message == "incr":
-            self.state["count"] += 1
-        elif message == "boom":
-            raise RuntimeError("boom")
-        elif message == "stop":
-            self.stop()
-        elif isinstance(message, tuple) and message[0] == "sleep":
-            await asyncio.sleep(message[1])
-            self.state["count"] += 1
-        elif isinstance(message, tuple) and message[0] == "set":
-            self.state[message[1]] = message[2]
-        return self.state["count"]
+    pytest-asyncio's policy switch calls ``asyncio.get_event_loop()``, which creates a
+    loop when none is set and never closes it (pytest-asyncio issue #724); with
+    warnings as errors its ResourceWarning would fail an unrelated test.
+    """
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield
+    asyncio.set_event_loop(None)
+    loop.close()
 
 
 @pytest.fixture

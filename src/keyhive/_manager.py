@@ -549,11 +549,17 @@ class InstanceManager:
                 expiring.append((ref, StopReason.IDLE_TIMEOUT, False))
         self._kick_reaper()
 
-    def _begin_self_stop(self, ref: AgentRef) -> None:
-        """``agent.stop()`` took effect at the end of a turn; the turn is kept for the stop."""
+    def _begin_self_stop(self, ref: AgentRef) -> bool:
+        """``agent.stop()`` takes effect at the end of a turn: keep the turn for the stop.
+
+        While the manager closes, the drain stops the agent instead (False).
+        """
+        if self._state is not _OPEN:
+            return False
         ref._status = STOPPING
         self._expiring.append((ref, ref._stop_req or StopReason.NORMAL, True))
         self._kick_reaper()
+        return True
 
     def _kick_reaper(self) -> None:
         if self._reaper is None and self._expiring and self._state is _OPEN:
@@ -743,6 +749,10 @@ class InstanceManager:
         for handle in self._retries:
             handle.cancel()
         self._retries.clear()
+        for ref, _, held in self._expiring:
+            if held and ref._status is STOPPING:  # a self-stop not begun: the drain takes it
+                ref._status = RUNNING
+                ref._release()
         self._expiring.clear()
         unsaved: list[AgentRef] = []
         last_error: dict[AgentRef, BaseException] = {}
@@ -752,7 +762,7 @@ class InstanceManager:
             pending = [ref for reg in regs.values() for ref in reg.values()]
             attempt = 0
             while pending:
-                pending = await self._drain_round(pending, deadline, last_error)
+                pending = await self._drain_round(pending, deadline, last_error, unsaved)
                 remaining = deadline - loop.time()
                 if not pending or remaining <= 0:
                     break
@@ -787,8 +797,13 @@ class InstanceManager:
             )
 
     async def _drain_round(self, refs: list[AgentRef], deadline: float,
-                           last_error: dict[AgentRef, BaseException]) -> list[AgentRef]:
-        """Take the turn of every ref and hibernate them in batches; return the failed ones."""
+                           last_error: dict[AgentRef, BaseException],
+                           unsaved: list[AgentRef]) -> list[AgentRef]:
+        """Take the turn of every ref and hibernate them in batches; return the ones to retry.
+
+        A conflict cannot succeed on retry: that agent stops at once (CONFLICT, newer
+        state left in place) and goes to ``unsaved``.
+        """
         loop = asyncio.get_running_loop()
         taken: list[AgentRef] = []
         waiting: list[AgentRef] = []
@@ -819,9 +834,14 @@ class InstanceManager:
             chunk = taken[start:start + self._batch]
             errors = await self._hibernate(chunk, StopReason.SHUTDOWN)
             for ref, error in zip(chunk, errors, strict=True):
-                if error is not None:
+                if error is None:
+                    continue
+                last_error[ref] = error
+                if isinstance(error, ConflictError):
+                    await self._finish(ref, StopReason.CONFLICT, saved=False)
+                    unsaved.append(ref)
+                else:
                     failed.append(ref)
-                    last_error[ref] = error
         for ref in failed:  # keep the turn free for nobody: the next round takes it again
             if ref._status is RUNNING and ref._busy:
                 ref._busy = False
