@@ -175,6 +175,14 @@ async def test_tabs_share_a_session_which_hibernates_and_thaws(demo: Demo, brows
         await expect(dash.locator(f"tr.event[data-kind='thawed'][data-key='{session}']")).to_have_count(1)
         await back.click("#incr")
         await expect(back.locator("#count")).to_have_text("4")
+        await dash.screenshot(path=str(ARTIFACTS / "dashboard-thawed.png"), full_page=True)
+
+        # the demo opts in to stop buttons: a stop hibernates it; the open tab reconnects and thaws it
+        await dash.click(f"tr.agent[data-key='{session}'] button.stop")
+        await expect(dash.locator(f"tr.event[data-kind='stopped'][data-key='{session}']")).to_have_count(2)
+        await expect(back.locator("#thaws")).to_have_text("2")
+        await expect(back.locator("#status")).to_have_text("live")
+        await expect(back.locator("#count")).to_have_text("4")
         await back.close()
         await dash.close()
 
@@ -183,7 +191,7 @@ async def test_tabs_share_a_session_which_hibernates_and_thaws(demo: Demo, brows
         again = await _open(context, url)
         await expect(again.locator("#count")).to_have_text("4")
         await expect(again.locator("#agent")).to_contain_text("thawed")
-        await expect(again.locator("#thaws")).to_have_text("2")
+        await expect(again.locator("#thaws")).to_have_text("3")
         await again.close()
     finally:
         await context.close()

@@ -378,3 +378,93 @@ def test_missing_starlette_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setitem(sys.modules, "starlette.exceptions", None)
     with pytest.raises(ImportError, match=r"pip install 'keyhive\[fastapi\]'"):
         importlib.import_module("keyhive.integrations.fastapi")
+
+
+class _FakeSocket:
+    """Just enough of a Starlette WebSocket for attach_websocket."""
+
+    def __init__(self) -> None:
+        from starlette.websockets import WebSocketState
+
+        self.application_state = WebSocketState.CONNECTING
+        self.client_state = WebSocketState.CONNECTED
+        self.accepted = False
+        self.closed_with: int | None = None
+
+    async def accept(self, subprotocol: str | None = None) -> None:
+        from starlette.websockets import WebSocketState
+
+        self.accepted = True
+        self.application_state = WebSocketState.CONNECTED
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        self.closed_with = code
+
+
+async def test_attach_websocket_detaches_on_error_and_cancellation() -> None:
+    """Leaving the block by an exception or a cancellation detaches the socket."""
+    async with make_manager() as manager:
+        socket = _FakeSocket()
+        seen: list[keyhive.AgentRef] = []
+
+        async def buggy() -> None:
+            async with attach_websocket(socket, manager, "hank") as ref:  # type: ignore[arg-type]
+                seen.append(ref)
+                assert ref.attachments == 1
+                raise RuntimeError("handler bug")
+
+        with pytest.raises(RuntimeError, match="handler bug"):
+            await buggy()
+        (ref,) = seen
+        assert socket.accepted
+        assert socket.closed_with == 1011
+        assert ref.attachments == 0
+
+        inside = asyncio.Event()
+
+        async def handler() -> None:
+            async with attach_websocket(_FakeSocket(), manager, "hank"):  # type: ignore[arg-type]
+                inside.set()
+                await asyncio.Event().wait()
+
+        task = asyncio.create_task(handler())
+        await inside.wait()
+        assert ref.attachments == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert ref.attachments == 0
+        assert ref.idle_deadline is None  # no idle timeout configured: never idles out
+
+
+async def test_server_error_in_a_handler_detaches() -> None:
+    """A handler that crashes inside the block closes the socket (1011) and detaches it."""
+    manager = make_manager()
+    recorder = EventRecorder(manager)
+    app = make_app(manager)
+
+    @app.websocket("/crash/{key}")
+    async def crash(websocket: WebSocket, key: str) -> None:
+        async with attach_websocket(websocket, manager, key):
+            await websocket.receive_text()
+            raise RuntimeError("bug in the app")
+
+    async with serve(app) as host:
+        async with connect(f"ws://{host}/crash/ivan") as ws:
+            await ws.send("x")
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+        assert ws.close_code == 1011
+        await recorder.wait_for("detached", "ivan", timeout=5)
+        ref = await manager.lookup("ivan")
+        assert ref is not None
+        assert ref.attachments == 0
+
+
+def test_dashboard_assets_ship_in_the_package() -> None:
+    """The dashboard's HTML/JS/CSS are package data (the wheel includes them)."""
+    from importlib import resources
+
+    static = resources.files("keyhive.integrations.dashboard") / "static"
+    for name in ("index.html", "dashboard.js", "dashboard.css"):
+        assert (static / name).is_file()

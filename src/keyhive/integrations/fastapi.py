@@ -262,7 +262,8 @@ async def attach_websocket(websocket: WebSocket, manager: InstanceManager, key: 
     Failures close the socket with a code instead of a stack trace: a bad key → 1008; a
     checkpoint that cannot be thawed → 1011; manager closed → 1001; the agent stopped
     under the socket (``manager.stop``) → 1012, so the client reconnects and thaws it.
-    These are raised as Starlette's ``WebSocketException``, which the app closes with.
+    These are raised as Starlette's ``WebSocketException``, which the app closes with. Any
+    other exception in the block closes the socket with 1011 and propagates (to be logged).
     """
     try:
         check_key(key)
@@ -289,6 +290,16 @@ async def attach_websocket(websocket: WebSocket, manager: InstanceManager, key: 
             raise
         _log(exc, manager, key)
         raise _ws_close(exc) from None
+    except WebSocketException:
+        raise  # the app chose its close code
+    except Exception:
+        # A bug in the handler: close cleanly with 1011 (not a dropped connection), then let
+        # the server log the error as usual.
+        if (websocket.application_state is WebSocketState.CONNECTED
+                and websocket.client_state is WebSocketState.CONNECTED):
+            with contextlib.suppress(Exception):
+                await websocket.close(WS_INTERNAL_ERROR, "internal error")
+        raise
     finally:
         await ref.detach(websocket)
 
