@@ -302,7 +302,7 @@ async def test_websocket_error_close_codes() -> None:
 
 
 async def test_dashboard_snapshot_live_updates_and_read_only() -> None:
-    """The dashboard lists live agents, pushes snapshots on events, and refuses stop by default."""
+    """The dashboard lists agents, pushes snapshots on events, refuses stop and other origins."""
     manager = make_manager(idle_timeout=0.3)
     recorder = EventRecorder(manager)
     async with serve(make_app(manager)) as host, httpx.AsyncClient() as client:
@@ -341,6 +341,12 @@ async def test_dashboard_snapshot_live_updates_and_read_only() -> None:
             assert sum(snap["managers"][0]["history"]["hibernated"]) == 1
             assert sum(snap["managers"][0]["history"]["started"]) == 1
             assert [e["kind"] for e in snap["events"]][:2] == ["stopped", "hibernated"]
+        async with connect(f"ws://{host}/keyhive/ws", origin=f"http://{host}") as same:
+            assert json.loads(await same.recv())["managers"]
+        async with connect(f"ws://{host}/keyhive/ws", origin="http://evil.example") as other:
+            with pytest.raises(ConnectionClosed):
+                await other.recv()
+        assert other.close_code == 1008
 
 
 async def test_dashboard_stop_button_when_allowed() -> None:

@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 try:
     from starlette.applications import Starlette
@@ -235,6 +236,11 @@ class Dashboard:
     async def _live(self, websocket: WebSocket) -> None:
         """Send a snapshot now, after every burst of events, and every 2 s."""
         await websocket.accept()
+        origin = websocket.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc != websocket.headers.get("host"):
+            # Browsers let any site open a WebSocket here; only our own page may read the keys.
+            await websocket.close(1008, "cross-origin dashboard connections are refused")
+            return
         dirty = asyncio.Event()
         self._clients.add(dirty)
         receiver: asyncio.Future[Any] = asyncio.ensure_future(websocket.receive())
