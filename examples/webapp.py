@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect, WebSocketException
 from fastapi.responses import HTMLResponse, JSONResponse
 
 import keyhive
@@ -128,7 +128,9 @@ def create_app(*, idle: float = 10.0, storage: str | None = None, allow_stop: bo
 
     @app.websocket("/ws")
     async def live(websocket: WebSocket) -> None:
-        key = websocket.cookies.get(COOKIE, "")
+        key = websocket.cookies.get(COOKIE)
+        if key is None:  # refused at the handshake (HTTP 403)
+            raise WebSocketException(1008, "no session cookie: open the page first")
         async with attach_websocket(websocket, sessions, key) as ref:
             with hub.subscribe(key) as updates:
                 writer = asyncio.create_task(forward(websocket, updates))

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import keyhive
 from keyhive._keys import storage_key
@@ -474,3 +474,47 @@ def test_dashboard_assets_ship_in_the_package() -> None:
     static = resources.files("keyhive.integrations.dashboard") / "static"
     for name in ("index.html", "dashboard.js", "dashboard.css"):
         assert (static / name).is_file()
+
+
+def _load_demo() -> Any:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "webapp.py"
+    spec = importlib.util.spec_from_file_location("keyhive_webapp_demo", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_demo_tabs_of_one_session_see_each_other(tmp_path: Any) -> None:
+    """The web demo: two sockets with one session cookie share the agent and its updates."""
+    demo = _load_demo()
+    app = demo.create_app(idle=0.3, storage=f"file://{tmp_path}/cp", name=f"demo-{next(_names)}")
+    sessions: keyhive.InstanceManager = app.state.sessions
+    recorder = EventRecorder(sessions)
+    async with serve(app) as host, httpx.AsyncClient() as client:
+        page = await client.get(f"http://{host}/")
+        cookie = page.cookies[demo.COOKIE]
+        headers = {"Cookie": f"{demo.COOKIE}={cookie}"}
+        async with connect(f"ws://{host}/ws", additional_headers=headers) as one, \
+                connect(f"ws://{host}/ws", additional_headers=headers) as two:
+            assert json.loads(await one.recv())["state"]["count"] == 0
+            assert json.loads(await two.recv())["agent"] == "started fresh"
+            await one.send(json.dumps({"op": "incr"}))
+            await one.send(json.dumps({"op": "note", "text": "hi"}))
+            for ws in (one, two):
+                assert json.loads(await ws.recv())["state"]["count"] == 1
+                assert json.loads(await ws.recv())["state"]["notes"][0]["text"] == "hi"
+            await two.send("not json")
+            assert json.loads(await two.recv())["type"] == "error"
+        await recorder.wait_for("hibernated", cookie, timeout=5)
+        state = (await client.get(f"http://{host}/api/state", headers=headers)).json()
+        assert state["state"]["count"] == 1
+        assert state["agent"] == "thawed from storage"
+        client.cookies.clear()
+        assert (await client.get(f"http://{host}/api/state")).status_code == 400
+        with pytest.raises(InvalidStatus):  # no cookie, no session
+            await connect(f"ws://{host}/ws")
