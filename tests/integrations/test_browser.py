@@ -176,6 +176,7 @@ async def test_tabs_share_a_session_which_hibernates_and_thaws(demo: Demo, brows
         await back.click("#incr")
         await expect(back.locator("#count")).to_have_text("4")
         await dash.screenshot(path=str(ARTIFACTS / "dashboard-thawed.png"), full_page=True)
+        await back.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
 
         # the demo opts in to stop buttons: a stop hibernates it; the open tab reconnects and thaws it
         await dash.click(f"tr.agent[data-key='{session}'] button.stop")
