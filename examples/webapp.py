@@ -164,7 +164,7 @@ def default_storage(directory: Path) -> str:
         import keyhive.storage.sqlite  # noqa: F401
     except ImportError:
         return f"file://{(directory / 'checkpoints').resolve()}"
-    return f"sqlite:///{(directory / 'sessions.db').resolve()}"
+    return f"sqlite://{(directory / 'sessions.db').resolve()}"  # sqlite:///abs/dir/sessions.db
 
 
 PAGE = (Path(__file__).parent / "webapp.html").read_text("utf-8")
