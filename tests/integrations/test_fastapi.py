@@ -518,3 +518,24 @@ async def test_demo_tabs_of_one_session_see_each_other(tmp_path: Any) -> None:
         assert (await client.get(f"http://{host}/api/state")).status_code == 400
         with pytest.raises(InvalidStatus):  # no cookie, no session
             await connect(f"ws://{host}/ws")
+
+
+async def test_dashboard_shows_every_manager_partitions_and_key_types() -> None:
+    """Each manager gets its own entry; partitions and non-str keys are shown readably."""
+    first, second = make_manager(), make_manager(idle_timeout=60)
+    dashboard = keyhive_dashboard([first, second])
+    try:
+        async with first, second:
+            await first.get(("user", 7), partition="tenant-a")
+            await second.get(42)
+            snap = dashboard.snapshot()
+            one, two = snap["managers"]
+            assert [one["name"], two["name"]] == [first.name, second.name]
+            assert one["agents"][0]["key"] == "('user', 7)"
+            assert one["agents"][0]["partition"] == "tenant-a"
+            assert one["agents"][0]["idle_in"] is None  # no idle timeout
+            assert two["agents"][0]["key"] == "42"
+            assert 59 < two["agents"][0]["idle_in"] <= 60
+            assert two["idle_timeout"] == 60
+    finally:
+        dashboard.close()
