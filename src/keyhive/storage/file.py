@@ -9,11 +9,11 @@ import fcntl
 import hashlib
 import os
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 from .._errors import ConflictError, StorageError
-from ._base import Checkpoint, StoredKey
+from ._base import Checkpoint, SaveItem, StoredKey
 
 __all__ = ["FileStorage"]
 
@@ -141,6 +141,22 @@ class FileStorage:
             raise TypeError(f"checkpoint data must be bytes, not {type(data).__name__}")
         async with self._lock:
             return await asyncio.to_thread(self._save_sync, key, data, expected_version)
+
+    async def save_many(self, items: Sequence[SaveItem]) -> list[int | BaseException]:
+        """Each item's compare-and-set in turn, in one worker-thread hop."""
+        items = list(items)
+
+        def write() -> list[int | BaseException]:
+            results: list[int | BaseException] = []
+            for item in items:
+                try:
+                    results.append(self._save_sync(item.key, item.data, item.expected_version))
+                except (ConflictError, TypeError) as exc:
+                    results.append(exc)
+            return results
+
+        async with self._lock:
+            return await asyncio.to_thread(write)
 
     async def delete(self, key: str) -> bool:
         async with self._lock:

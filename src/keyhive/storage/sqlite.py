@@ -1,0 +1,284 @@
+"""SQLiteStorage: the embedded durable default (``sqlite:///path.db``).
+
+stdlib ``sqlite3`` on one dedicated worker thread, so no blocking call runs on the event
+loop and the connection is only ever used from one thread. WAL journal; every write is
+one compare-and-set statement (``INSERT … ON CONFLICT DO NOTHING`` for new keys,
+``UPDATE … WHERE version = ?`` otherwise), never read-then-write. Concurrent loads are
+coalesced into one ``SELECT … IN (…)`` per worker hop and ``save_many`` writes a whole
+batch in one transaction, which is what makes idle storms and thaw storms fast. Several
+processes may open the same file: SQLite's locking and ``busy_timeout`` keep them
+correct.
+
+Durability: with the default ``synchronous=normal`` a committed checkpoint survives a
+crash of the process; after a power loss or OS crash the last transactions may be
+missing, but the file is never corrupt. ``?synchronous=full`` survives power loss too
+(one fsync per transaction).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from .._errors import ConflictError, StorageError
+from ._base import Checkpoint, SaveItem, StoredKey
+from ._driver import query_options
+
+__all__ = ["SQLiteStorage"]
+
+T = TypeVar("T")
+
+_SYNC = {"off": "OFF", "normal": "NORMAL", "full": "FULL", "extra": "EXTRA"}
+_TABLE = "keyhive_checkpoints"
+_MAX_PARAMS = 900  # below SQLite's default limit on bound parameters
+
+
+class SQLiteStorage:
+    """Checkpoints in one SQLite table. See the module docstring for the guarantees."""
+
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "normal",
+                 busy_timeout: float = 5.0, table: str = _TABLE) -> None:
+        if not isinstance(path, str | os.PathLike):
+            raise TypeError(f"path must be a str or path, not {type(path).__name__}")
+        self.path = str(path)
+        if not self.path:
+            raise ValueError("SQLiteStorage needs a file path, e.g. SQLiteStorage('agents.db')")
+        if synchronous.lower() not in _SYNC:
+            raise ValueError(f"synchronous must be one of {', '.join(_SYNC)}, not {synchronous!r}")
+        self._synchronous = _SYNC[synchronous.lower()]
+        if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, int | float) or busy_timeout < 0:
+            raise ValueError(f"busy_timeout must be seconds >= 0, not {busy_timeout!r}")
+        self._busy_timeout = float(busy_timeout)
+        if not table.isidentifier():
+            raise ValueError(f"table must be a plain identifier, not {table!r}")
+        self._table = table
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+        self._pending_loads: dict[str, list[asyncio.Future[Checkpoint | None]]] = {}
+        self._load_scheduled = False
+        self._load_tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteStorage:
+        """``sqlite:///relative.db``, ``sqlite:////absolute/path.db``, with options
+        ``?synchronous=normal|full&busy_timeout=5``."""
+        parts = urlsplit(url)
+        if parts.netloc:
+            raise ValueError(
+                f"sqlite URLs have no host: write 'sqlite:///relative.db' or 'sqlite:////abs.db', not {url!r}"
+            )
+        path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+        if not path:
+            raise ValueError(f"sqlite URL needs a file path, e.g. 'sqlite:///agents.db', not {url!r}")
+        options = query_options(parts.query, {"synchronous", "busy_timeout"}, url)
+        kwargs: dict[str, Any] = {}
+        if "synchronous" in options:
+            kwargs["synchronous"] = options["synchronous"]
+        if "busy_timeout" in options:
+            try:
+                kwargs["busy_timeout"] = float(options["busy_timeout"])
+            except ValueError:
+                raise ValueError(f"busy_timeout must be seconds in {url!r}") from None
+        return cls(path, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<SQLiteStorage {self.path!r}>"
+
+    # -- the worker thread --------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = self._conn
+        if conn is not None:
+            return conn
+        if self.path != ":memory:":
+            parent = Path(self.path).expanduser().resolve().parent
+            if not parent.is_dir():
+                raise FileNotFoundError(f"directory {str(parent)!r} does not exist")
+        conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {self._table} ("
+                "key TEXT PRIMARY KEY, data BLOB NOT NULL, version INTEGER NOT NULL, "
+                "updated_at REAL NOT NULL) WITHOUT ROWID"
+            )
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise StorageError(f"{self!r} is closed")
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="keyhive-sqlite")
+
+        def job() -> T:
+            return fn(self._connect())
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, job)
+        except (ConflictError, StorageError, TypeError):
+            raise
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError(f"{self!r}: {exc}") from exc
+
+    # -- the protocol -----------------------------------------------------------------------------
+
+    async def load(self, key: str) -> Checkpoint | None:
+        if type(key) is not str:
+            raise TypeError(f"storage keys are str, not {type(key).__name__}")
+        fut: asyncio.Future[Checkpoint | None] = asyncio.get_running_loop().create_future()
+        self._pending_loads.setdefault(key, []).append(fut)
+        if not self._load_scheduled:
+            self._load_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_loads)
+        return await fut
+
+    def _flush_loads(self) -> None:
+        """Read every load requested since the last flush in one worker hop."""
+        self._load_scheduled = False
+        pending, self._pending_loads = self._pending_loads, {}
+        if pending:
+            task = asyncio.get_running_loop().create_task(self._load_batch(pending))
+            self._load_tasks.add(task)
+            task.add_done_callback(self._load_tasks.discard)
+
+    async def _load_batch(self, pending: dict[str, list[asyncio.Future[Checkpoint | None]]]) -> None:
+        keys = list(pending)
+        table = self._table
+
+        def read(conn: sqlite3.Connection) -> dict[str, Checkpoint]:
+            found: dict[str, Checkpoint] = {}
+            for start in range(0, len(keys), _MAX_PARAMS):
+                chunk = keys[start:start + _MAX_PARAMS]
+                marks = ",".join("?" * len(chunk))
+                for key, data, version in conn.execute(
+                    f"SELECT key, data, version FROM {table} WHERE key IN ({marks})", chunk
+                ):
+                    found[key] = Checkpoint(bytes(data), version)
+            return found
+
+        try:
+            found = await self._run(read)
+        except BaseException as exc:
+            for futures in pending.values():
+                for fut in futures:
+                    if not fut.done():
+                        fut.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for key, futures in pending.items():
+            for fut in futures:
+                if not fut.done():
+                    fut.set_result(found.get(key))
+
+    @staticmethod
+    def _save_one(conn: sqlite3.Connection, table: str, key: str, data: bytes,
+                  expected: int | None, now: float) -> int:
+        if type(key) is not str:
+            raise TypeError(f"storage keys are str, not {type(key).__name__}")
+        if not isinstance(data, bytes):
+            raise TypeError(f"checkpoint data must be bytes, not {type(data).__name__}")
+        if expected is None:
+            cur = conn.execute(
+                f"INSERT INTO {table} (key, data, version, updated_at) VALUES (?, ?, 1, ?) "
+                "ON CONFLICT(key) DO NOTHING", (key, data, now))
+            new = 1
+        else:
+            cur = conn.execute(
+                f"UPDATE {table} SET data = ?, version = version + 1, updated_at = ? "
+                "WHERE key = ? AND version = ?", (data, now, key, expected))
+            new = expected + 1
+        if cur.rowcount == 1:
+            return new
+        row = conn.execute(f"SELECT version FROM {table} WHERE key = ?", (key,)).fetchone()
+        raise ConflictError(
+            f"version conflict on {key!r}: expected {expected}, stored {None if row is None else row[0]}"
+        )
+
+    async def save(self, key: str, data: bytes, *, expected_version: int | None) -> int:
+        table = self._table
+        return await self._run(
+            lambda conn: self._save_one(conn, table, key, data, expected_version, time.time())
+        )
+
+    async def save_many(self, items: Sequence[SaveItem]) -> list[int | BaseException]:
+        table = self._table
+        items = list(items)
+
+        def write(conn: sqlite3.Connection) -> list[int | BaseException]:
+            results: list[int | BaseException] = []
+            now = time.time()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for item in items:
+                    try:
+                        results.append(self._save_one(conn, table, item.key, item.data,
+                                                      item.expected_version, now))
+                    except (ConflictError, TypeError) as exc:
+                        results.append(exc)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return results
+
+        return await self._run(write)
+
+    async def delete(self, key: str) -> bool:
+        table = self._table
+        return await self._run(
+            lambda conn: conn.execute(f"DELETE FROM {table} WHERE key = ?", (key,)).rowcount == 1
+        )
+
+    async def iter_keys(self, prefix: str = "") -> AsyncIterator[StoredKey]:
+        """Every key starting with ``prefix``, in key order, read in pages of 1,000."""
+        table = self._table
+        upper = prefix + "\U0010ffff"  # every key with the prefix sorts below this
+        after = ""
+        first = True
+        while True:
+            def page(conn: sqlite3.Connection, after: str = after, first: bool = first) -> list[Any]:
+                op = ">=" if first else ">"
+                return conn.execute(
+                    f"SELECT key, version, length(data), updated_at FROM {table} "
+                    f"WHERE key {op} ? AND key < ? AND substr(key, 1, ?) = ? ORDER BY key LIMIT 1000",
+                    (prefix if first else after, upper, len(prefix), prefix),
+                ).fetchall()
+
+            rows = await self._run(page)
+            for key, version, size, updated in rows:
+                yield StoredKey(key, version, size, updated)
+            if len(rows) < 1000:
+                return
+            after, first = rows[-1][0], False
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        executor = self._executor
+        if executor is None:
+            return
+
+        def close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await asyncio.get_running_loop().run_in_executor(executor, close)
+        executor.shutdown(wait=False)

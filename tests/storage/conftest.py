@@ -1,0 +1,73 @@
+"""One fixture, every backend: the contract suite runs against each real backend."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import keyhive
+from keyhive.storage.sqlite import SQLiteStorage
+
+from . import servers
+
+BACKENDS = ["memory", "file", "sqlite", "redis", "postgres"]
+
+
+async def _make(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    if kind == "memory":
+        return keyhive.MemoryStorage()
+    if kind == "file":
+        return keyhive.FileStorage(tmp_path / "ckpt")
+    if kind == "sqlite":
+        return SQLiteStorage(tmp_path / "ckpt.db")
+    if kind == "redis":
+        server = request.getfixturevalue("redis_server")
+        from keyhive.storage.redis import RedisStorage
+
+        return RedisStorage.from_url(server.url, key_prefix=f"test-{uuid.uuid4().hex}:")
+    if kind == "postgres":
+        server = request.getfixturevalue("postgres_server")
+        from keyhive.storage.postgres import PostgresStorage
+
+        return PostgresStorage.from_url(server.url, table=f"t_{uuid.uuid4().hex}")
+    raise AssertionError(kind)
+
+
+@pytest.fixture(params=BACKENDS)
+async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    """A fresh, empty backend of each kind."""
+    backend = await _make(request.param, tmp_path, request)
+    try:
+        yield backend
+    finally:
+        await backend.aclose()
+
+
+@pytest.fixture
+def make_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[str], Any]:
+    """Build a backend of a given kind (for tests that need a second handle on the same data)."""
+
+    async def make(kind: str) -> Any:
+        return await _make(kind, tmp_path, request)
+
+    # Same tmp_path, so file and sqlite handles share data; redis/postgres get fresh scopes.
+
+    return make  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Any:
+    """A private redis-server on 127.0.0.1, started for the session."""
+    with servers.redis_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Any:
+    """A private PostgreSQL cluster on 127.0.0.1, started for the session."""
+    with servers.postgres_server() as server:
+        yield server
