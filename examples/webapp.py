@@ -157,14 +157,13 @@ async def forward(websocket: WebSocket, updates: asyncio.Queue[dict[str, Any]]) 
 
 
 def default_storage(directory: Path) -> str:
-    """SQLite when keyhive has it (``keyhive[sqlite]``), else one file per checkpoint."""
+    """SQLite when this keyhive has it, else one file per checkpoint."""
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        import aiosqlite  # noqa: F401
         import keyhive.storage.sqlite  # noqa: F401
     except ImportError:
         return f"file://{(directory / 'checkpoints').resolve()}"
-    return f"sqlite://{(directory / 'sessions.db').resolve()}"  # sqlite:///abs/dir/sessions.db
+    return f"sqlite:///{(directory / 'sessions.db').resolve()}"  # sqlite:////abs/dir/sessions.db
 
 
 PAGE = (Path(__file__).parent / "webapp.html").read_text("utf-8")
