@@ -1,0 +1,191 @@
+"""keyhive web demo: one agent per browser session, live in every tab, hibernated when idle.
+
+Run: bash scripts/demo.sh   (or: python examples/webapp.py [--port 8000] [--idle 10])
+
+Open http://127.0.0.1:8000 in two tabs: both show the same session (a counter and
+notes) and update each other live. Close them both: after ``--idle`` seconds the agent
+hibernates to ``.keyhive-demo/`` (watch it on the dashboard at /keyhive/). Open the page
+again, or restart the server: the agent thaws with its state.
+
+How it fits together: each WebSocket attaches to its session's agent for as long as it
+is open (``attach_websocket``); the agent publishes every change to a ``Hub`` it gets
+through ``agent_opts``; each socket's writer forwards what its session publishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect, WebSocketException
+from fastapi.responses import HTMLResponse, JSONResponse
+
+import keyhive
+from keyhive.integrations.fastapi import (
+    add_exception_handlers,
+    agent_call,
+    attach_websocket,
+    keyhive_dashboard,
+    keyhive_lifespan,
+)
+
+COOKIE = "keyhive_demo_session"
+
+
+class Hub:
+    """Per-key sets of subscriber queues: how an agent reaches the sockets of its session."""
+
+    def __init__(self) -> None:
+        self._queues: dict[Any, set[asyncio.Queue[dict[str, Any]]]] = {}
+
+    @contextlib.contextmanager
+    def subscribe(self, key: Any) -> Any:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=100)
+        self._queues.setdefault(key, set()).add(queue)
+        try:
+            yield queue
+        finally:
+            queues = self._queues.get(key)
+            if queues is not None:
+                queues.discard(queue)
+                if not queues:
+                    del self._queues[key]
+
+    def publish(self, key: Any, message: dict[str, Any]) -> None:
+        for queue in self._queues.get(key, ()):
+            with contextlib.suppress(asyncio.QueueFull):  # a stuck tab misses updates, not the agent
+                queue.put_nowait(message)
+
+
+class Session(keyhive.Agent):
+    """A browser session: a counter and a list of notes, shared by all its tabs."""
+
+    def initial_state(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {"count": 0, "notes": [], "thaws": 0, **params}
+
+    async def on_start(self, thawed: bool) -> None:
+        self.state["thaws"] += thawed
+        self.started = "thawed from storage" if thawed else "started fresh"
+
+    async def handle(self, message: Any) -> Any:
+        op = message.get("op") if isinstance(message, dict) else None
+        if op == "incr":
+            self.state["count"] += 1
+        elif op == "note":
+            text = str(message.get("text", "")).strip()[:200]
+            if text:
+                self.state["notes"] = [*self.state["notes"], {"text": text, "at": time.time()}][-20:]
+        elif op == "clear":
+            self.state["notes"] = []
+        elif op != "get":
+            raise ValueError(f"unknown op {op!r}")
+        view = {"type": "state", "state": self.state, "agent": self.started}
+        if op != "get":
+            self.opts["hub"].publish(self.key, view)
+        return view
+
+
+def create_app(*, idle: float = 10.0, storage: str | None = None, allow_stop: bool = True,
+               name: str = "sessions") -> FastAPI:
+    """The demo app; ``storage`` defaults to SQLite (or files) under ``.keyhive-demo/``."""
+    if storage is None:
+        storage = default_storage(Path(".keyhive-demo"))
+    hub = Hub()
+    sessions = keyhive.InstanceManager(name, Session, idle_timeout=idle, storage=storage,
+                                       agent_opts={"hub": hub})
+
+    def tell_sockets(event: keyhive.Event) -> None:
+        if event.kind is keyhive.EventKind.STOPPED:  # e.g. the dashboard's stop button
+            hub.publish(event.key, {"type": "stopped", "reason": str(event.reason)})
+
+    sessions.subscribe(tell_sockets)
+    app = FastAPI(title="keyhive demo", lifespan=keyhive_lifespan(sessions))
+    add_exception_handlers(app)
+    app.state.sessions = sessions
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page(request: Request) -> HTMLResponse:
+        response = HTMLResponse(PAGE.replace("{{IDLE}}", f"{idle:g}"))
+        if COOKIE not in request.cookies:
+            response.set_cookie(COOKIE, "s-" + secrets.token_urlsafe(9), httponly=True, samesite="lax",
+                                max_age=30 * 24 * 3600)
+        return response
+
+    @app.get("/api/state")
+    async def state(request: Request) -> JSONResponse:
+        """Plain HTTP: get + call, no attach (the idle timer is not touched)."""
+        key = request.cookies.get(COOKIE)
+        if key is None:
+            return JSONResponse({"detail": "no session cookie; open / first"}, 400)
+        return JSONResponse(await agent_call(sessions, key, {"op": "get"}))
+
+    @app.websocket("/ws")
+    async def live(websocket: WebSocket) -> None:
+        key = websocket.cookies.get(COOKIE)
+        if key is None:  # refused at the handshake (HTTP 403)
+            raise WebSocketException(1008, "no session cookie: open the page first")
+        async with attach_websocket(websocket, sessions, key) as ref:
+            with hub.subscribe(key) as updates:
+                writer = asyncio.create_task(forward(websocket, updates))
+                try:
+                    await websocket.send_json(await ref.call({"op": "get"}))
+                    while True:
+                        text = await websocket.receive_text()
+                        try:
+                            await ref.call(json.loads(text))
+                        except ValueError as exc:  # bad JSON or an unknown op
+                            await websocket.send_json({"type": "error", "detail": str(exc)})
+                finally:
+                    writer.cancel()
+
+    app.mount("/keyhive", keyhive_dashboard([sessions], allow_stop=allow_stop))
+    return app
+
+
+async def forward(websocket: WebSocket, updates: asyncio.Queue[dict[str, Any]]) -> None:
+    """Send what the session publishes to this socket, until the socket goes away."""
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        while True:
+            await websocket.send_json(await updates.get())
+
+
+def default_storage(directory: Path) -> str:
+    """SQLite when this keyhive has it, else one file per checkpoint."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import keyhive.storage.sqlite  # noqa: F401
+    except ImportError:
+        return f"file://{(directory / 'checkpoints').resolve()}"
+    return f"sqlite:///{(directory / 'sessions.db').resolve()}"  # sqlite:////abs/dir/sessions.db
+
+
+PAGE = (Path(__file__).parent / "webapp.html").read_text("utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="keyhive web demo (FastAPI)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--idle", type=float, default=10.0, help="idle timeout in seconds (default 10)")
+    parser.add_argument("--storage", default=None,
+                        help="storage URL (default: SQLite or files under .keyhive-demo/)")
+    parser.add_argument("--read-only-dashboard", action="store_true", help="no stop buttons")
+    args = parser.parse_args()
+    app = create_app(idle=args.idle, storage=args.storage, allow_stop=not args.read_only_dashboard)
+    storage = app.state.sessions.storage
+    url = f"http://{args.host}:{args.port}"
+    print(f"keyhive web demo: open {url}  (dashboard: {url}/keyhive/)", flush=True)
+    print(f"  idle timeout {args.idle:g} s, storage {type(storage).__name__}; Ctrl-C to stop", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, ws="websockets-sansio",
+                timeout_graceful_shutdown=5, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+"""Integrations with web frameworks.
+
+* :mod:`keyhive.integrations.fastapi`: FastAPI and plain Starlette: a lifespan that runs the
+  managers, ``attach_websocket`` (an agent lives while a socket is open), ``agent_call`` for
+  plain HTTP handlers, and error mapping. Needs ``pip install 'keyhive[fastapi]'``.
+* :mod:`keyhive.integrations.dashboard`: a live dashboard as an ASGI app to mount.
+
+Nothing here is imported by ``import keyhive``.
+"""
