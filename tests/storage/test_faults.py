@@ -44,8 +44,19 @@ async def test_redis_down_while_agents_idle_out(own_redis: servers.Server) -> No
     storage = RedisStorage.from_url(own_redis.url + "?key_prefix=fault:")
     manager = keyhive.InstanceManager("faulty", Counter, storage=storage, idle_timeout=0.3,
                                       retry_backoff=(0.05, 0.2))
+    all_stopped = asyncio.Event()
+    stopped = 0
+
+    def count_stops(event: keyhive.Event) -> None:
+        nonlocal stopped
+        if event.kind == "stopped":
+            stopped += 1
+            if stopped == 200:
+                all_stopped.set()
+
     async with manager:
         events = EventRecorder(manager)
+        manager.subscribe(count_stops)
         for i in range(200):
             assert await manager.call(i, "incr") == 1
             await manager.call(i, "incr")
@@ -56,9 +67,7 @@ async def test_redis_down_while_agents_idle_out(own_redis: servers.Server) -> No
         failures = sum(1 for e in events.events if e.kind == "hibernate_failed")
         assert failures >= 200
         own_redis.process = servers.start_redis(own_redis.port, own_redis.data_dir)
-        deadline = time.monotonic() + 10
-        while manager.stats().count and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await asyncio.wait_for(all_stopped.wait(), 10)
         assert manager.stats().count == 0
         for i in range(0, 200, 17):
             assert await manager.call(i, "get") == 2  # thawed from what was saved
@@ -109,9 +118,8 @@ WRITER = textwrap.dedent("""
 """)
 
 
-async def test_kill_9_during_a_sqlite_hibernate_storm_corrupts_nothing(tmp_path: Path) -> None:
-    """SIGKILL in the middle of batched writes: afterwards every checkpoint loads, whole and valid."""
-    path = tmp_path / "storm.db"
+def _write_then_kill(path: Path) -> None:
+    """Run the writer process until it has committed 20 batches, then SIGKILL it mid-batch."""
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.stdout is not None
@@ -124,6 +132,12 @@ async def test_kill_9_during_a_sqlite_hibernate_storm_corrupts_nothing(tmp_path:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
+
+
+async def test_kill_9_during_a_sqlite_hibernate_storm_corrupts_nothing(tmp_path: Path) -> None:
+    """SIGKILL in the middle of batched writes: afterwards every checkpoint loads, whole and valid."""
+    path = tmp_path / "storm.db"
+    await asyncio.to_thread(_write_then_kill, path)
     storage = SQLiteStorage(path)
     try:
         seen_rounds = set()
@@ -174,16 +188,24 @@ async def test_unusable_sqlite_paths_fail_clearly(tmp_path: Path) -> None:
             await m.get("k")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only directories")
 async def test_read_only_directory(tmp_path: Path) -> None:
-    """A read-only directory raises StorageError at first use."""
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    storage = SQLiteStorage(ro / "x.db")
-    with pytest.raises(keyhive.StorageError):
+    """A database where no file can be created raises StorageError at first use.
+
+    As root a chmod'ed directory is still writable, so root uses /proc, where nobody can
+    create files.
+    """
+    if os.geteuid() == 0:
+        path = Path("/proc/keyhive-read-only.db")
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        path = ro / "x.db"
+    storage = SQLiteStorage(path)
+    with pytest.raises(keyhive.StorageError, match="unable to open|readonly|read-only"):
         await storage.save("k", b"x", expected_version=None)
     await storage.aclose()
+    assert not path.exists()
 
 
 async def test_postgres_wrong_credentials_and_unreachable(postgres_server: servers.Server) -> None:
@@ -207,7 +229,7 @@ async def test_redis_wrong_password(own_redis: servers.Server) -> None:
     servers.stop(own_redis.process)
     own_redis.process = servers.start_redis(own_redis.port, own_redis.data_dir, "--requirepass", "s3cret")
     wrong = RedisStorage.from_url(own_redis.url.replace("redis://", "redis://:wrong@"))
-    with pytest.raises(keyhive.StorageError, match="(?i)auth|password"):
+    with pytest.raises(keyhive.StorageError, match=r"(?i)auth|password"):
         await wrong.load("k")
     await wrong.aclose()
     right = RedisStorage.from_url(own_redis.url.replace("redis://", "redis://:s3cret@"))
