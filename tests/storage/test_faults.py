@@ -202,7 +202,7 @@ async def test_read_only_directory(tmp_path: Path) -> None:
         ro.chmod(0o555)
         path = ro / "x.db"
     storage = SQLiteStorage(path)
-    with pytest.raises(keyhive.StorageError, match="unable to open|readonly|read-only"):
+    with pytest.raises(keyhive.StorageError, match=r"unable to open|readonly|read-only"):
         await storage.save("k", b"x", expected_version=None)
     await storage.aclose()
     assert not path.exists()
