@@ -121,29 +121,37 @@ def ls(
         raise _fail(f"{type(exc).__name__}: {exc}") from None
 
 
-@app.command("show")
-def show(
-    url: str = typer.Argument(..., help="storage URL"),
-    manager: str = typer.Argument(..., help="manager name"),
-    key: str = typer.Argument(..., help="agent key"),
-    partition: str | None = typer.Option(None, "--partition", "-p"),
-    json_key: bool = typer.Option(False, "--json-key", help="KEY is JSON key form"),
-    json_partition: bool = typer.Option(False, "--json-partition", help="partition is JSON key form"),
-) -> None:
-    """Print one agent's stored state as JSON (with its versions)."""
+def _one_key(url: str, manager: str, key: str, partition: str | None, json_key: bool,
+             json_partition: bool, operation: str) -> Any:
+    """Run ``storage.<operation>(storage key)`` for one agent's checkpoint, then close the storage."""
     skey = storage_key(manager, _parse(partition, json_partition, "partition"), _parse(key, json_key, "key"))
     storage = _open(url)
 
     async def run() -> Any:
         try:
-            return await storage.load(skey)
+            return await getattr(storage, operation)(skey)
         finally:
             await storage.aclose()
 
     try:
-        checkpoint = _run(run())
+        return _run(run())
     except Exception as exc:
         raise _fail(f"{type(exc).__name__}: {exc}") from None
+
+
+URL = typer.Argument(..., help="storage URL, e.g. sqlite:///agents.db")
+MANAGER = typer.Argument(..., help="manager name")
+KEY = typer.Argument(..., help="agent key")
+PARTITION = typer.Option(None, "--partition", "-p", help="the key's partition")
+JSON_KEY = typer.Option(False, "--json-key", help="KEY is JSON key form")
+JSON_PARTITION = typer.Option(False, "--json-partition", help="partition is JSON key form")
+
+
+@app.command("show")
+def show(url: str = URL, manager: str = MANAGER, key: str = KEY, partition: str | None = PARTITION,
+         json_key: bool = JSON_KEY, json_partition: bool = JSON_PARTITION) -> None:
+    """Print one agent's stored state as JSON (with its versions)."""
+    checkpoint = _one_key(url, manager, key, partition, json_key, json_partition, "load")
     if checkpoint is None:
         raise _fail(f"no checkpoint for key {key!r} of manager {manager!r}")
     try:
@@ -156,32 +164,13 @@ def show(
 
 
 @app.command("rm")
-def rm(
-    url: str = typer.Argument(..., help="storage URL"),
-    manager: str = typer.Argument(..., help="manager name"),
-    key: str = typer.Argument(..., help="agent key"),
-    partition: str | None = typer.Option(None, "--partition", "-p"),
-    json_key: bool = typer.Option(False, "--json-key", help="KEY is JSON key form"),
-    json_partition: bool = typer.Option(False, "--json-partition", help="partition is JSON key form"),
-    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
-) -> None:
+def rm(url: str = URL, manager: str = MANAGER, key: str = KEY, partition: str | None = PARTITION,
+       json_key: bool = JSON_KEY, json_partition: bool = JSON_PARTITION,
+       yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation")) -> None:
     """Delete one agent's checkpoint (a live agent elsewhere would write it again)."""
-    skey = storage_key(manager, _parse(partition, json_partition, "partition"), _parse(key, json_key, "key"))
-    storage = _open(url)
     if not yes and not typer.confirm(f"delete the checkpoint of {key!r} in {manager!r}?"):
         raise typer.Exit(1)
-
-    async def run() -> bool:
-        try:
-            return bool(await storage.delete(skey))
-        finally:
-            await storage.aclose()
-
-    try:
-        removed = _run(run())
-    except Exception as exc:
-        raise _fail(f"{type(exc).__name__}: {exc}") from None
-    if not removed:
+    if not _one_key(url, manager, key, partition, json_key, json_partition, "delete"):
         raise _fail(f"no checkpoint for key {key!r} of manager {manager!r}")
     err.print(f"deleted {key!r} of {manager!r}")
 
