@@ -576,7 +576,7 @@ class InstanceManager:
                 for ref, reason, held in batch:
                     if not held:
                         if ref._status is not RUNNING or (
-                            reason is StopReason.IDLE_TIMEOUT and not ref.is_due(now)
+                            reason is StopReason.IDLE_TIMEOUT and not self._still_due(ref, now)
                         ):
                             continue
                         if ref._busy:
@@ -594,13 +594,26 @@ class InstanceManager:
             if self._expiring and self._state is _OPEN:
                 self._kick_reaper()
 
+    def _still_due(self, ref: AgentRef, now: float) -> bool:
+        """Whether an agent the wheel found due is still due; if not, file it again.
+
+        The loop runs a slot's timer up to its clock resolution early, and the wheel judges
+        by the slot's time: judge with the same slack, or an agent found due there is found
+        not due here and, with nothing re-arming it, never idles out again.
+        """
+        if ref.is_due(now + self._resolution):
+            return True
+        if ref._deadline is not None and ref._owners is None:
+            self._wheel.arm(ref, ref._deadline)
+        return False
+
     async def _stop_when_free(self, ref: AgentRef, reason: StopReason) -> None:
         try:
             await ref._acquire()
         except Exception:
             return  # stopped meanwhile
         if ref._status is not RUNNING or (
-            reason is StopReason.IDLE_TIMEOUT and not ref.is_due(self._wheel.now())
+            reason is StopReason.IDLE_TIMEOUT and not self._still_due(ref, self._wheel.now())
         ):
             ref._release()
             return

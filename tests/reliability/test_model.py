@@ -547,3 +547,35 @@ TestLifecycleOnMemory.settings = settings(settings.default, max_examples=scaled(
 TestLifecycleOnSQLite = SQLiteLifecycleMachine.TestCase
 TestLifecycleOnSQLite.settings = settings(settings.default, max_examples=scaled(40))
 TestLifecycleOnSQLite = pytest.mark.timeout(300)(TestLifecycleOnSQLite)
+
+
+# -- shrunk counter-examples found by the machine, kept as regression tests --------------------------
+
+
+def _replay(machine_cls: type[LifecycleMachine], steps: list[tuple[str, dict[str, Any]]]) -> None:
+    state = machine_cls()
+    try:
+        state.open_first()
+        state.agrees_with_the_model()
+        for name, kwargs in steps:
+            getattr(state, name)(**kwargs)
+            state.agrees_with_the_model()
+    finally:
+        state.teardown()
+
+
+def test_idle_retry_chain_is_not_dropped_when_a_slot_fires_a_hair_early() -> None:
+    """A hibernate retry whose slot fires a float-rounding hair before the deadline still hibernates.
+
+    Found by the model: the wheel judged the agent due (slot time) but the reaper re-checked
+    with the loop clock, found it not due, and dropped it without re-arming, so the agent
+    never idled out again once storage came back.
+    """
+    _replay(LifecycleMachine, [
+        ("cast", {"key": "a"}),
+        ("storage_health", {"load_ok": False, "save_ok": False}),
+        ("advance", {"dt": 30}),
+        ("advance", {"dt": 1}),
+        ("storage_health", {"load_ok": False, "save_ok": True}),
+        ("advance", {"dt": 1}),
+    ])
