@@ -736,17 +736,18 @@ class InstanceManager:
                 ref.postponed(self._wheel.now() + delay)
                 self._wheel.arm(ref, ref._deadline)  # type: ignore[arg-type]
             else:
-                handle = asyncio.get_running_loop().call_later(delay, self._retry_self_stop, ref)
+                # Asked again when the retry is due; until then turns end as usual.
+                ref._stop_req = None
+                handle = asyncio.get_running_loop().call_later(delay, self._retry_self_stop, ref, reason)
                 self._retries.add(handle)
         if reason is not StopReason.SHUTDOWN:
             ref._release()
         ref._notify()
 
-    def _retry_self_stop(self, ref: AgentRef) -> None:
+    def _retry_self_stop(self, ref: AgentRef, reason: StopReason) -> None:
         self._retries = {h for h in self._retries if not h.cancelled() and h.when() > self._wheel.now()}
-        if ref._status is RUNNING and ref._stop_req is not None:
-            self._expiring.append((ref, ref._stop_req, False))
-            self._kick_reaper()
+        if ref._status is RUNNING and self._state is _OPEN:
+            ref._request_stop(reason)
 
     # -- close ----------------------------------------------------------------------------------
 

@@ -246,7 +246,7 @@ class AgentRef(Lifecycle):
 
     def _release(self) -> None:
         """End the current turn: hand it to the next waiter, or free it."""
-        if (self._stop_req is not None and self._status is RUNNING and self._failures == 0
+        if (self._stop_req is not None and self._status is RUNNING
                 and self._mgr._begin_self_stop(self)):
             return  # the turn is kept for the hibernate
         waiters = self._waiters

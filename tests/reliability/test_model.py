@@ -579,3 +579,30 @@ def test_idle_retry_chain_is_not_dropped_when_a_slot_fires_a_hair_early() -> Non
         ("storage_health", {"load_ok": False, "save_ok": True}),
         ("advance", {"dt": 1}),
     ])
+
+
+def test_self_stop_works_after_an_earlier_failed_hibernate() -> None:
+    """An agent whose idle hibernate once failed can still stop itself once storage is back.
+
+    Found by the model: ``_release`` only began a self-stop while the incarnation had
+    never failed a hibernate (``_failures == 0``), so after one storage outage
+    ``self.stop()`` was silently ignored for the rest of the incarnation's life.
+    """
+    _replay(LifecycleMachine, [
+        ("get", {"key": "a"}),
+        ("storage_health", {"load_ok": False, "save_ok": False}),
+        ("advance", {"dt": 11}),
+        ("storage_health", {"load_ok": False, "save_ok": True}),
+        ("self_stop", {"key": "a"}),
+    ])
+
+
+def test_self_stop_after_a_failed_stop_while_attached() -> None:
+    """A failed manager.stop() does not disable the agent's own stop later."""
+    _replay(LifecycleMachine, [
+        ("attach", {"key": "a", "owner": 0}),
+        ("storage_health", {"load_ok": True, "save_ok": False}),
+        ("stop", {"key": "a"}),
+        ("storage_health", {"load_ok": True, "save_ok": True}),
+        ("self_stop", {"key": "a"}),
+    ])
