@@ -542,11 +542,11 @@ class SQLiteLifecycleMachine(LifecycleMachine):
     backend = "sqlite"
 
 
-TestLifecycleOnMemory = LifecycleMachine.TestCase
+_budget = pytest.mark.timeout(0 if scaled(1) > 1 else 300)  # the soak profile runs as long as it needs
+TestLifecycleOnMemory = _budget(LifecycleMachine.TestCase)
 TestLifecycleOnMemory.settings = settings(settings.default, max_examples=scaled(200))
-TestLifecycleOnSQLite = SQLiteLifecycleMachine.TestCase
+TestLifecycleOnSQLite = _budget(SQLiteLifecycleMachine.TestCase)
 TestLifecycleOnSQLite.settings = settings(settings.default, max_examples=scaled(40))
-TestLifecycleOnSQLite = pytest.mark.timeout(300)(TestLifecycleOnSQLite)
 
 
 # -- shrunk counter-examples found by the machine, kept as regression tests --------------------------
