@@ -494,13 +494,16 @@ class InstanceManager:
             if checkpoint is not None:
                 try:
                     agent.state = self._decode(agent, checkpoint.data)
+                    version = checkpoint.version
+                    if type(version) is not int:
+                        raise StorageError(f"storage returned version {version!r}, not an int")
                 except Exception as exc:
                     self._thaw_failed(ref, exc)
                     raise ThawError(
                         f"{self.name}: the checkpoint of key {ref._key!r} cannot be restored "
                         f"(left as it is): {exc}"
                     ) from exc
-                ref._version = checkpoint.version
+                ref._version = version
                 return True
         agent.state = agent.initial_state(dict(initial_state or {}))
         return False
