@@ -293,6 +293,7 @@ class AgentRef(Lifecycle):
                 fut.set_result(None)
             else:
                 fut.set_exception(error)
+                fut.exception()  # waiters may all have been cancelled: not a lost error
 
     async def wait_stopped(self) -> StopReason:
         """Wait until this incarnation has stopped; return why."""

@@ -10,6 +10,7 @@ stored state is the last acknowledged one, and the next ``get`` works.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -338,3 +339,35 @@ async def test_cancel_a_get_at_every_point_of_a_thaw_and_start(make_manager: Any
             assert ref.alive
         await assert_clean(m)
         assert await m.call("k", "incr") == 2
+
+
+async def test_waiter_cancelled_before_a_failed_thaw_leaves_no_unretrieved_error(
+    make_manager: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A get waiting on a thaw is cancelled, then the thaw fails: asyncio logs no lost exception.
+
+    Found by the soak: the failed activation set its error on the shared change future
+    that only the cancelled waiter had been awaiting, and asyncio reported "Future
+    exception was never retrieved" when the future was collected.
+    """
+    import gc
+
+    storage = FaultyStorage()
+    async with make_manager(Slow, storage=storage) as m:
+        storage.load_delay = 2.0
+        storage.fail_load = True
+        first = asyncio.create_task(m.get("k"))
+        await asyncio.sleep(0.5)
+        waiter = asyncio.create_task(m.get("k"))
+        await asyncio.sleep(0.5)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        with pytest.raises(keyhive.ThawError):
+            await first
+        del first, waiter
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            gc.collect()
+            await asyncio.sleep(0)
+        assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+        await assert_clean(m)
