@@ -73,7 +73,8 @@ class FaultyStorage:
     Counters: ``loads``, ``saves``, ``deletes`` count calls that reached the inner backend
     (items of a batched write count one each), ``save_batches`` the batches;
     ``faults`` counts injected faults by kind (``"load"``, ``"save"``, ``"delete"``,
-    ``"torn"``, ``"stale"``); ``in_flight`` is the number of calls under way.
+    ``"torn"``, ``"stale"``) and ``faulted_keys[kind]`` is the set of storage keys that
+    got one; ``in_flight`` is the number of calls under way.
     """
 
     def __init__(self, inner: Any = None, *, seed: int | None = None) -> None:
@@ -97,6 +98,7 @@ class FaultyStorage:
         self.save_batches = 0
         self.in_flight = 0
         self.faults: Counter[str] = Counter()
+        self.faulted_keys: dict[str, set[str]] = {}
         self._previous: dict[str, Checkpoint] = {}
 
     def __repr__(self) -> str:
@@ -142,6 +144,10 @@ class FaultyStorage:
             setattr(self, name, setting - 1)
         return True
 
+    def _count(self, kind: str, key: str) -> None:
+        self.faults[kind] += 1
+        self.faulted_keys.setdefault(kind, set()).add(key)
+
     def _roll(self, rate: float, key: str) -> bool:
         return rate > 0 and self._targets(key) and self.rng.random() < rate
 
@@ -152,7 +158,7 @@ class FaultyStorage:
             fired = True
         if fired is False:
             return
-        self.faults[kind] += 1
+        self._count(kind, key)
         if isinstance(fired, BaseException):
             raise fired
         raise StorageFault(f"injected {kind} failure")
@@ -175,7 +181,7 @@ class FaultyStorage:
             if result is not None and key in self._previous and (
                 self._take("stale_loads", key) or self._roll(self.stale_rate, key)
             ):
-                self.faults["stale"] += 1
+                self._count("stale", key)
                 return self._previous[key]
             return result
         finally:
@@ -183,7 +189,7 @@ class FaultyStorage:
 
     def _torn(self, key: str, data: bytes) -> bytes:
         if self._take("torn_saves", key) or self._roll(self.torn_rate, key):
-            self.faults["torn"] += 1
+            self._count("torn", key)
             return data[: self.rng.randrange(len(data))] if data else data
         return data
 
