@@ -316,7 +316,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         assert exc is None, exc
         km = self.model[key]
         assert result == km.value
-        if self.save_ok and not km.self_stop:
+        if self.save_ok:  # also while a failed self-stop waits for its retry: asked again, it tries now
             self._stopped(key, keyhive.StopReason.NORMAL)
         else:
             km.self_stop = True
