@@ -194,3 +194,12 @@ async def test_a_manager_round_trips_through_the_backend(storage: Any) -> None:
             await m.call(("room", 1), "incr", partition="p")
         await m.stop(("room", 1), partition="p")
         assert await m.call(("room", 1), "incr", partition="p") == 4
+
+
+async def test_a_thousand_concurrent_loads_and_saves(storage: Any) -> None:
+    """A thaw storm's 1,000 concurrent loads and a burst of 1,000 saves all succeed (no pool exhaustion)."""
+    results = await asyncio.gather(*(storage.save(f"c{i}", b"%d" % i, expected_version=None) for i in range(1000)))
+    assert results == [1] * 1000
+    loaded = await asyncio.gather(*(storage.load(f"c{i % 1100}") for i in range(2000)))
+    assert [c.data if c else None for c in loaded] == [b"%d" % (i % 1100) if i % 1100 < 1000 else None
+                                                         for i in range(2000)]

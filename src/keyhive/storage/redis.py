@@ -22,7 +22,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from .._errors import ConflictError, StorageError
 from ._base import Checkpoint, SaveItem, StoredKey
-from ._driver import import_driver, query_options
+from ._driver import LoadBatcher, import_driver, query_options
 
 __all__ = ["RedisStorage"]
 
@@ -63,6 +63,7 @@ class RedisStorage:
         self._ttl_ms = "0" if not ttl else str(int(ttl * 1000))
         self._script = client.register_script(_CAS)
         self._closed = False
+        self._loads = LoadBatcher(self._read)
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> RedisStorage:
@@ -88,10 +89,13 @@ class RedisStorage:
                 raise ValueError(f"ttl must be seconds in {url!r}") from None
         kwargs.update(overrides)
         try:
-            client = _redis.from_url(urlunsplit(parts._replace(query=rest)))
+            # A blocking pool: a burst of saves waits for a connection instead of failing
+            # with "too many connections" (loads are coalesced and need just one).
+            pool = _redis.BlockingConnectionPool.from_url(urlunsplit(parts._replace(query=rest)),
+                                                          max_connections=50, timeout=20)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"bad Redis URL {url!r}: {exc}") from exc
-        return cls(client, **kwargs)
+        return cls(_redis.Redis.from_pool(pool), **kwargs)
 
     def __repr__(self) -> str:
         kwargs = self._client.connection_pool.connection_kwargs
@@ -107,13 +111,19 @@ class RedisStorage:
 
     async def load(self, key: str) -> Checkpoint | None:
         self._check()
+        return await self._loads.load(key)
+
+    async def _read(self, keys: list[str]) -> dict[str, Checkpoint]:
+        """The checkpoints of ``keys`` that exist, in one pipeline of HMGETs."""
         try:
-            data, version = await self._client.hmget(self.key_prefix + key, "d", "v")
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hmget(self.key_prefix + key, "d", "v")
+                replies = await pipe.execute()
         except (_exceptions.RedisError, OSError) as exc:
             raise self._errors(exc) from exc
-        if version is None:
-            return None
-        return Checkpoint(bytes(data), int(version))
+        return {key: Checkpoint(bytes(data), int(version))
+                for key, (data, version) in zip(keys, replies, strict=True) if version is not None}
 
     def _args(self, data: bytes, expected: int | None) -> list[Any]:
         if not isinstance(data, bytes):

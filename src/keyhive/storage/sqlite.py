@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlsplit
 
 from .._errors import ConflictError, StorageError
 from ._base import Checkpoint, SaveItem, StoredKey
-from ._driver import query_options
+from ._driver import LoadBatcher, query_options
 
 __all__ = ["SQLiteStorage"]
 
@@ -62,9 +62,7 @@ class SQLiteStorage:
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
         self._closed = False
-        self._pending_loads: dict[str, list[asyncio.Future[Checkpoint | None]]] = {}
-        self._load_scheduled = False
-        self._load_tasks: set[asyncio.Task[None]] = set()
+        self._loads = LoadBatcher(self._read)
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStorage:
@@ -137,26 +135,10 @@ class SQLiteStorage:
     # -- the protocol -----------------------------------------------------------------------------
 
     async def load(self, key: str) -> Checkpoint | None:
-        if type(key) is not str:
-            raise TypeError(f"storage keys are str, not {type(key).__name__}")
-        fut: asyncio.Future[Checkpoint | None] = asyncio.get_running_loop().create_future()
-        self._pending_loads.setdefault(key, []).append(fut)
-        if not self._load_scheduled:
-            self._load_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_loads)
-        return await fut
+        return await self._loads.load(key)
 
-    def _flush_loads(self) -> None:
-        """Read every load requested since the last flush in one worker hop."""
-        self._load_scheduled = False
-        pending, self._pending_loads = self._pending_loads, {}
-        if pending:
-            task = asyncio.get_running_loop().create_task(self._load_batch(pending))
-            self._load_tasks.add(task)
-            task.add_done_callback(self._load_tasks.discard)
-
-    async def _load_batch(self, pending: dict[str, list[asyncio.Future[Checkpoint | None]]]) -> None:
-        keys = list(pending)
+    async def _read(self, keys: list[str]) -> dict[str, Checkpoint]:
+        """The checkpoints of ``keys`` that exist, in one worker hop."""
         table = self._table
 
         def read(conn: sqlite3.Connection) -> dict[str, Checkpoint]:
@@ -170,20 +152,7 @@ class SQLiteStorage:
                     found[key] = Checkpoint(bytes(data), version)
             return found
 
-        try:
-            found = await self._run(read)
-        except BaseException as exc:
-            for futures in pending.values():
-                for fut in futures:
-                    if not fut.done():
-                        fut.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for key, futures in pending.items():
-            for fut in futures:
-                if not fut.done():
-                    fut.set_result(found.get(key))
+        return await self._run(read)
 
     @staticmethod
     def _save_one(conn: sqlite3.Connection, table: str, key: str, data: bytes,
