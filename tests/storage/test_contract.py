@@ -161,6 +161,12 @@ async def test_iter_keys_reports_version_and_size(storage: Any) -> None:
     found = {k.key: (k.version, k.size) async for k in storage.iter_keys("p:")}
     assert found == {"p:1": (2, 4), "p:2": (1, 0)}
     assert len([k async for k in storage.iter_keys()]) == 3
+    edge = ["p\U0010ffff", "p\U0010ffff\U0010ffffz", "p\ud7ff!", "p\ue000"]  # the ends of the code space
+    for key in edge:
+        await storage.save(key, b"e", expected_version=None)
+    assert {k.key async for k in storage.iter_keys("p\U0010ffff")} == set(edge[:2])
+    assert {k.key async for k in storage.iter_keys("p\ud7ff")} == {edge[2]}
+    assert {k.key async for k in storage.iter_keys("p")} == {"p:1", "p:2", *edge}
 
 
 async def test_iter_keys_pages_through_many(storage: Any) -> None:

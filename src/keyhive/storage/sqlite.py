@@ -40,6 +40,21 @@ _TABLE = "keyhive_checkpoints"
 _MAX_PARAMS = 900  # below SQLite's default limit on bound parameters
 
 
+def _after_prefix(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix`` (None: no bound).
+
+    SQLite compares TEXT as UTF-8 bytes, which is code point order, so bumping the last
+    code point that can be bumped gives the bound.
+    """
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        if last < 0x10FFFF:
+            nxt = last + 1 if not 0xD800 <= last + 1 <= 0xDFFF else 0xE000
+            return "".join(chars) + chr(nxt)
+    return None
+
+
 class SQLiteStorage:
     """Checkpoints in one SQLite table. See the module docstring for the guarantees."""
 
@@ -217,16 +232,20 @@ class SQLiteStorage:
     async def iter_keys(self, prefix: str = "") -> AsyncIterator[StoredKey]:
         """Every key starting with ``prefix``, in key order, read in pages of 1,000."""
         table = self._table
-        upper = prefix + "\U0010ffff"  # every key with the prefix sorts below this
+        upper = _after_prefix(prefix)
         after = ""
         first = True
         while True:
             def page(conn: sqlite3.Connection, after: str = after, first: bool = first) -> list[Any]:
                 op = ">=" if first else ">"
+                bound = "" if upper is None else "AND key < ? "
+                args: tuple[Any, ...] = (prefix if first else after,)
+                if upper is not None:
+                    args += (upper,)
                 return conn.execute(
                     f"SELECT key, version, length(data), updated_at FROM {table} "
-                    f"WHERE key {op} ? AND key < ? AND substr(key, 1, ?) = ? ORDER BY key LIMIT 1000",
-                    (prefix if first else after, upper, len(prefix), prefix),
+                    f"WHERE key {op} ? {bound}AND substr(key, 1, ?) = ? ORDER BY key LIMIT 1000",
+                    (*args, len(prefix), prefix),
                 ).fetchall()
 
             rows = await self._run(page)
