@@ -55,6 +55,15 @@ STATE = {"pad": "x" * 470}  # + {"i": n} -> about 500 bytes of JSON
 
 _names = itertools.count()
 
+# Issue 3's targets, in bench/report.py's TARGETS form: (label, workload, compared with, test).
+TARGETS: list[tuple[str, str, str | None, Callable[[float, float], bool]]] = [
+    ("S1 SQLite >= 60,000 hibernations/s", "S1 hibernate storm (sqlite)", None, lambda k, _: k >= 60_000),
+    ("S1 Redis >= 30,000 hibernations/s", "S1 hibernate storm (redis)", None, lambda k, _: k >= 30_000),
+    ("S1 PostgreSQL >= 25,000 hibernations/s", "S1 hibernate storm (postgres)", None,
+     lambda k, _: k >= 25_000),
+    ("S2 SQLite >= 30,000 thaws/s", "S2 thaw storm (sqlite)", None, lambda k, _: k >= 30_000),
+]
+
 
 class StormAgent(keyhive.Agent):
     """An agent whose state is about 500 bytes of JSON."""
@@ -228,8 +237,9 @@ async def s2_floor(make: Callable[[], Any], n: int) -> float:
         return n / elapsed
 
 
-async def run_backend(backend: str, quick: bool) -> list[dict[str, Any]]:
-    n = 5_000 if quick else 100_000
+async def run_backend(backend: str, quick: bool, n: int | None = None) -> list[dict[str, Any]]:
+    """S1 and S2 on one backend: keyhive and floor rows (value None and a note when skipped)."""
+    n = n or (5_000 if quick else 100_000)
     s1, s2 = f"S1 hibernate storm ({backend})", f"S2 thaw storm ({backend})"
     try:
         server = _server(backend)
