@@ -194,6 +194,7 @@ class InstanceManager:
 
         self.name = name
         self.agent: type[Agent] = agent
+        self._runs_on_start = agent.on_start is not Agent.on_start
         self._state = _NEW
         self._regs: dict[Any, dict[Any, AgentRef]] = {}
         self._default_reg: dict[Any, AgentRef] = {}
@@ -455,8 +456,14 @@ class InstanceManager:
         ref = AgentRef(self, key, partition)
         reg[key] = ref
         try:
-            thawed = await self._make_agent(ref, initial_state)
-            await ref._agent.on_start(thawed)  # type: ignore[union-attr]
+            agent = self.agent()
+            agent._ref = ref
+            ref._agent = agent
+            thawed = self._storage is not None and await self._thaw(ref, agent)
+            if not thawed:
+                agent.state = agent.initial_state({} if initial_state is None else dict(initial_state))
+            if self._runs_on_start:  # the base class's hook does nothing: skip its coroutine
+                await agent.on_start(thawed)
         except BaseException as exc:
             if reg.get(key) is ref:
                 del reg[key]
@@ -476,34 +483,28 @@ class InstanceManager:
         ref._notify()
         return ref
 
-    async def _make_agent(self, ref: AgentRef, initial_state: Mapping[str, Any] | None) -> bool:
-        """Build the agent with its state; True when thawed from a checkpoint."""
-        agent = self.agent()
-        agent._ref = ref
-        ref._agent = agent
-        storage = self._storage
-        if storage is not None:
-            skey = storage_key(self.name, ref._partition, ref._key)
-            try:
-                checkpoint = await storage.load(skey)
-            except Exception as exc:
-                self._thaw_failed(ref, exc)
-                raise ThawError(
-                    f"{self.name}: could not load the checkpoint of key {ref._key!r}: {exc!r}"
-                ) from exc
-            if checkpoint is not None:
-                try:
-                    agent.state = self._decode(agent, checkpoint.data)
-                except Exception as exc:
-                    self._thaw_failed(ref, exc)
-                    raise ThawError(
-                        f"{self.name}: the checkpoint of key {ref._key!r} cannot be restored "
-                        f"(left as it is): {exc}"
-                    ) from exc
-                ref._version = checkpoint.version
-                return True
-        agent.state = agent.initial_state(dict(initial_state or {}))
-        return False
+    async def _thaw(self, ref: AgentRef, agent: Agent) -> bool:
+        """Put the checkpointed state into ``agent``; False when there is no checkpoint."""
+        skey = storage_key(self.name, ref._partition, ref._key)
+        try:
+            checkpoint = await self._storage.load(skey)
+        except Exception as exc:
+            self._thaw_failed(ref, exc)
+            raise ThawError(
+                f"{self.name}: could not load the checkpoint of key {ref._key!r}: {exc!r}"
+            ) from exc
+        if checkpoint is None:
+            return False
+        try:
+            agent.state = self._decode(agent, checkpoint.data)
+        except Exception as exc:
+            self._thaw_failed(ref, exc)
+            raise ThawError(
+                f"{self.name}: the checkpoint of key {ref._key!r} cannot be restored "
+                f"(left as it is): {exc}"
+            ) from exc
+        ref._version = checkpoint.version
+        return True
 
     def _thaw_failed(self, ref: AgentRef, exc: BaseException) -> None:
         self._counters["thaw_failures"] += 1
