@@ -29,7 +29,7 @@ MAX_KEY_BYTES = 1024
 MAX_KEY_DEPTH = 16
 # A str of this many characters encodes to at most 6 * 170 + 2 = 1022 JSON bytes
 # (a control character becomes a 6-byte \u escape; anything else takes at most 4).
-_SAFE_STR_LEN = (MAX_KEY_BYTES - 2) // 6
+SAFE_STR_LEN = (MAX_KEY_BYTES - 2) // 6
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -60,7 +60,7 @@ def check_key(key: object, what: str = "key") -> Any:
         TypeError: the key (or something nested in it) has an unsupported type.
         ValueError: the encoded key is over 1024 bytes, or nests too deep.
     """
-    if type(key) is str and len(key) <= _SAFE_STR_LEN:
+    if type(key) is str and len(key) <= SAFE_STR_LEN:
         return key  # the hot case: cannot encode past the limit, skip the JSON
     tagged = _tagged(key, 0, what)
     if type(key) is not int:

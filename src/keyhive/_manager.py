@@ -26,7 +26,7 @@ from ._errors import (
     UnsavedAgentsError,
 )
 from ._events import Event, EventKind, StopReason
-from ._keys import check_key, storage_key
+from ._keys import SAFE_STR_LEN, check_key, storage_key
 from ._ref import RUNNING, STARTING, STOPPED, STOPPING, AgentRef
 from ._timer import DeadlineWheel
 from .codecs import Codec, JSONCodec, pack, unpack
@@ -293,9 +293,13 @@ class InstanceManager:
             ManagerClosed: the manager is not running.
         """
         if partition is None and type(key) is str:
-            ref = self._default_reg.get(key)
-            if ref is not None and ref._status is RUNNING:
-                return ref
+            reg = self._default_reg
+            ref = reg.get(key)
+            if ref is not None:
+                if ref._status is RUNNING:
+                    return ref
+            elif initial_state is None and self._state is _OPEN and len(key) <= SAFE_STR_LEN:
+                return await self._activate(reg, key, self.partition, None)  # a valid key, not live
         return await self._get(key, initial_state, self.partition if partition is None else partition)
 
     async def _get(self, key: Any, initial_state: Mapping[str, Any] | None, partition: Any) -> AgentRef:
