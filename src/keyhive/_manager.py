@@ -195,6 +195,7 @@ class InstanceManager:
         self.name = name
         self.agent: type[Agent] = agent
         self._runs_on_start = agent.on_start is not Agent.on_start
+        self._custom_state = agent.initial_state is not Agent.initial_state or agent.state_type is not None
         self._state = _NEW
         self._regs: dict[Any, dict[Any, AgentRef]] = {}
         self._default_reg: dict[Any, AgentRef] = {}
@@ -465,7 +466,9 @@ class InstanceManager:
             ref._agent = agent
             thawed = self._storage is not None and await self._thaw(ref, agent)
             if not thawed:
-                agent.state = agent.initial_state({} if initial_state is None else dict(initial_state))
+                params = {} if initial_state is None else dict(initial_state)
+                # the base class's initial_state is dict(params): params is that already
+                agent.state = agent.initial_state(params) if self._custom_state else params
             if self._runs_on_start:  # the base class's hook does nothing: skip its coroutine
                 await agent.on_start(thawed)
         except BaseException as exc:
@@ -484,7 +487,8 @@ class InstanceManager:
         self._counters["thawed" if thawed else "started"] += 1
         if self._listeners:
             self._emit(EventKind.THAWED if thawed else EventKind.STARTED, ref)
-        ref._notify()
+        if ref._change is not None:
+            ref._notify()
         return ref
 
     async def _thaw(self, ref: AgentRef, agent: Agent) -> bool:
