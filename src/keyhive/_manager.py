@@ -330,6 +330,9 @@ class InstanceManager:
 
     async def lookup(self, key: Any, *, partition: Any = None) -> AgentRef | None:
         """The live agent for ``key``, or ``None``; never starts or thaws anything."""
+        if partition is None and type(key) is str and self._state is _OPEN and len(key) <= SAFE_STR_LEN:
+            ref = self._default_reg.get(key)  # a valid key of the default partition
+            return None if ref is None or ref._status is STARTING else ref
         self._check_open()
         check_key(key)
         reg = self._registry(self.partition if partition is None else partition, create=False)
