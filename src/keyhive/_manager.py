@@ -194,7 +194,10 @@ class InstanceManager:
 
         self.name = name
         self.agent: type[Agent] = agent
+        # hooks the agent class leaves as the base's no-ops are not run (no coroutine to make)
         self._runs_on_start = agent.on_start is not Agent.on_start
+        self._runs_on_hibernate = agent.on_hibernate is not Agent.on_hibernate
+        self._runs_on_stop = agent.on_stop is not Agent.on_stop
         self._custom_state = agent.initial_state is not Agent.initial_state or agent.state_type is not None
         self._state = _NEW
         self._regs: dict[Any, dict[Any, AgentRef]] = {}
@@ -472,7 +475,7 @@ class InstanceManager:
                 params = {} if initial_state is None else dict(initial_state)
                 # the base class's initial_state is dict(params): params is that already
                 agent.state = agent.initial_state(params) if self._custom_state else params
-            if self._runs_on_start:  # the base class's hook does nothing: skip its coroutine
+            if self._runs_on_start:
                 await agent.on_start(thawed)
         except BaseException as exc:
             if reg.get(key) is ref:
@@ -636,7 +639,8 @@ class InstanceManager:
                 agent = ref._agent
                 assert agent is not None
                 try:
-                    await agent.on_hibernate()
+                    if self._runs_on_hibernate:
+                        await agent.on_hibernate()
                     data = self._encode(agent)
                 except Exception as exc:
                     errors[i] = exc
@@ -686,7 +690,7 @@ class InstanceManager:
     async def _finish(self, ref: AgentRef, reason: StopReason, *, saved: bool) -> None:
         """The checkpoint is written (or storage is off): run on_stop and unregister."""
         agent = ref._agent
-        if agent is not None:
+        if agent is not None and self._runs_on_stop:
             try:
                 await agent.on_stop(reason)
             except Exception:
@@ -701,7 +705,8 @@ class InstanceManager:
         for owner in ref.clear():
             if isinstance(owner, asyncio.Task):
                 owner.remove_done_callback(ref._owner_done)
-        ref._fail_waiters()
+        if ref._waiters is not None:
+            ref._fail_waiters()
         ref._busy = False
         counters = self._counters
         counters["stopped"] += 1
@@ -711,7 +716,8 @@ class InstanceManager:
             if saved:
                 self._emit(EventKind.HIBERNATED, ref, reason)
             self._emit(EventKind.STOPPED, ref, reason)
-        ref._notify()
+        if ref._change is not None:
+            ref._notify()
 
     async def _hibernate_failed(self, ref: AgentRef, reason: StopReason, error: BaseException) -> None:
         self._counters["hibernate_failures"] += 1
