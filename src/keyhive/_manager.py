@@ -347,7 +347,9 @@ class InstanceManager:
     async def call(self, key: Any, message: Any, *, timeout: float | None = 5.0,
                    partition: Any = None) -> Any:
         """``get(key)`` then ``ref.call(message)``, getting again once if the agent stopped between."""
-        ref = await self.get(key, partition=partition)
+        ref = self._default_reg.get(key) if partition is None and type(key) is str else None
+        if ref is None or ref._status is not RUNNING:  # else: what get() would return, inlined
+            ref = await self.get(key, partition=partition)
         try:
             return await ref.call(message, timeout=timeout)
         except AgentStopped:
