@@ -120,7 +120,8 @@ def machine() -> dict[str, Any]:
         pass
     return {"python": sys.version.split()[0], "implementation": platform.python_implementation(),
             "platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
 
 def print_table(rows: Rows) -> None:
@@ -169,7 +170,8 @@ Regenerate with `{command}`; `python -m bench --quick` is the CI smoke run.
 
 - {m['cpu']}, {m['cores']} cores; {m['platform']}
 - {m['implementation']} {m['python']}
-- {m['date']}
+- {m['date']}; load average at the end of the run: {m['loadavg']} (other work shared the machine,
+  so single numbers move by +-10%; W1 and W6 are the median of 3 runs)
 
 ## How each workload is measured
 
