@@ -171,7 +171,8 @@ Regenerate with `{command}`; `python -m bench --quick` is the CI smoke run.
 - {m['cpu']}, {m['cores']} cores; {m['platform']}
 - {m['implementation']} {m['python']}
 - {m['date']}; load average at the end of the run: {m['loadavg']} (other work shared the machine,
-  so single numbers move by +-10%; W1 and W6 are the median of 3 runs)
+  so every timed workload but W4/W5 is the median of 3 runs, timed in process CPU time; W6's
+  lateness is wall time)
 
 ## How each workload is measured
 
