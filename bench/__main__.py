@@ -34,6 +34,9 @@ def _median(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         return runs[0]
     merged = []
     for i, first in enumerate(runs[0]):
+        if first["value"] is None:  # not measurable for this implementation
+            merged.append(first)
+            continue
         values = sorted(run[i]["value"] for run in runs)
         merged.append({**first, "value": statistics.median(values), "runs": values})
     return merged
