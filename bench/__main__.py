@@ -86,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         report.write_json(args.json, rows, checks, sys.argv)
     if args.results or not (only or args.quick):
-        analysis = Path(__file__).with_name("ANALYSIS.md")
         report.write_results(Path(__file__).with_name("RESULTS.md"), rows, checks, "python -m bench",
-                             analysis.read_text() if analysis.exists() else "")
+                             report.analysis_text())
     return 0
 
 

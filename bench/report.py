@@ -145,10 +145,12 @@ def write_json(path: str, rows: Rows, checks: list[dict[str, Any]], argv: list[s
 
 
 def write_results(path: Path, rows: Rows, checks: list[dict[str, Any]], command: str,
-                  analysis: str = "") -> None:
-    m = machine()
+                  analysis: str = "", machine_info: dict[str, Any] | None = None) -> None:
+    m = machine_info or machine()
     notes = sorted({f"- {r['workload']} / {r['impl']}: {r['note']}" for r in rows if r.get("note")})
     met = sum(1 for c in checks if c["met"])
+    missed = [f"{c['target']} ({c['detail']})" for c in checks if c["met"] is False]
+    missed_text = ("Missed: " + "; ".join(missed) + " — see the analysis at the end.") if missed else ""
     text = f"""# keyhive benchmark results
 
 keyhive is measured side by side, in one process and one run, with two baselines: **the
@@ -156,7 +158,7 @@ plain-asyncio floor** (`bench/floor.py`: a dict of small objects, a lazily creat
 `asyncio.Lock` per key, no task per agent, single-flight creation — what any design pays
 at least) and **nigrains 0.3.1** (the fastest Python virtual-actor peer, through its
 public API). {met} of {len(checks)} targets of issue 4 are met on this machine
-({m['cores']} cores, {m['cpu']}, Python {m['python']}, {m['date']}).
+({m['cores']} cores, {m['cpu']}, Python {m['python']}, {m['date']}). {missed_text}
 
 Regenerate with `{command}`; `python -m bench --quick` is the CI smoke run.
 
@@ -193,6 +195,19 @@ Regenerate with `{command}`; `python -m bench --quick` is the CI smoke run.
   default owner (the current task, which adds a done-callback).
 
 {chr(10).join(notes)}
-{analysis}
-"""
+
+{analysis}"""
     path.write_text(text)
+
+
+def analysis_text() -> str:
+    """``bench/ANALYSIS.md``, appended to RESULTS.md (what the time goes to, the misses)."""
+    path = Path(__file__).with_name("ANALYSIS.md")
+    return path.read_text() if path.exists() else ""
+
+
+if __name__ == "__main__":
+    # python -m bench.report bench/results.json: rewrite RESULTS.md from a saved full run
+    saved = json.loads(Path(sys.argv[1]).read_text())
+    write_results(Path(__file__).with_name("RESULTS.md"), saved["rows"], saved["targets"], "python -m bench",
+                  analysis_text(), saved["machine"])
