@@ -65,6 +65,16 @@ for i, key in ipairs(KEYS) do
 end
 return out
 """
+# Many loads in one call: data and version per key, flat (false, false when missing).
+_LOAD_MANY = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local r = redis.call('HMGET', key, 'd', 'v')
+  out[2 * i - 1] = r[1]
+  out[2 * i] = r[2]
+end
+return out
+"""
 _SCRIPT_BATCH = 1000  # items per script call, so one call never blocks the server for long
 
 _OWN_OPTIONS = {"key_prefix", "ttl"}
@@ -87,6 +97,7 @@ class RedisStorage:
         self._ttl_ms = "0" if not ttl else str(int(ttl * 1000))
         self._script = client.register_script(_CAS)
         self._script_many = client.register_script(_CAS_MANY)
+        self._script_load = client.register_script(_LOAD_MANY)
         self._closed = False
         self._loads = LoadBatcher(self._read)
 
@@ -139,16 +150,19 @@ class RedisStorage:
         return await self._loads.load(key)
 
     async def _read(self, keys: list[str]) -> dict[str, Checkpoint]:
-        """The checkpoints of ``keys`` that exist, in one pipeline of HMGETs."""
+        """The checkpoints of ``keys`` that exist: one script call per 1,000 keys."""
+        found: dict[str, Checkpoint] = {}
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.hmget(self.key_prefix + key, "d", "v")
-                replies = await pipe.execute()
+            for start in range(0, len(keys), _SCRIPT_BATCH):
+                chunk = keys[start:start + _SCRIPT_BATCH]
+                reply = await self._script_load(keys=[self.key_prefix + k for k in chunk])
+                for pos, key in enumerate(chunk):
+                    data, version = reply[2 * pos], reply[2 * pos + 1]
+                    if version is not None:
+                        found[key] = Checkpoint(bytes(data), int(version))
         except (_exceptions.RedisError, OSError) as exc:
             raise self._errors(exc) from exc
-        return {key: Checkpoint(bytes(data), int(version))
-                for key, (data, version) in zip(keys, replies, strict=True) if version is not None}
+        return found
 
     def _args(self, data: bytes, expected: int | None) -> list[Any]:
         if not isinstance(data, bytes):
