@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["Event", "EventKind", "StopReason"]
 
@@ -40,13 +39,13 @@ class EventKind(enum.StrEnum):
     STOPPED = "stopped"
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One lifecycle event, as passed to ``manager.subscribe`` callbacks.
+class Event(NamedTuple):
+    """One lifecycle event, as passed to ``manager.subscribe`` callbacks (immutable).
 
     ``time`` is the event loop's clock; ``reason`` is set on ``stopped`` (and on
     ``idle``/``hibernated``/``hibernate_failed`` with the reason of the stop under way);
-    ``error`` on ``thaw_failed`` and ``hibernate_failed``.
+    ``error`` on ``thaw_failed`` and ``hibernate_failed``. A named tuple, because a busy
+    manager makes several per agent stop and a tuple is the cheapest immutable record.
     """
 
     kind: EventKind

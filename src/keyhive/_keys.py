@@ -75,8 +75,11 @@ def check_key(key: object, what: str = "key") -> Any:
 
 def storage_key(manager: str, partition: object, key: object) -> str:
     """The storage key of one agent's checkpoint."""
-    if partition is None and type(key) is str:  # the hot case, spelled out: same text as below
-        return f"[{_json_str(manager)},null,{_json_str(key)}]"
+    if partition is None:  # the hot cases, spelled out: the same text as below
+        if type(key) is str:
+            return f"[{_json_str(manager)},null,{_json_str(key)}]"
+        if type(key) is int:
+            return f"[{_json_str(manager)},null,{key}]"
     part = None if partition is None else _tagged(partition, 0, "partition")
     return _dumps([manager, part, _tagged(key, 0, "key")])
 

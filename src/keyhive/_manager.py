@@ -39,6 +39,7 @@ logger = logging.getLogger("keyhive")
 _running: dict[str, InstanceManager] = {}
 _OMITTED: Any = object()
 _NEW, _OPEN, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
+_REAP_IN_FLIGHT = 4  # hibernate batches written at once by the reaper
 
 
 def get_manager(name: str) -> InstanceManager:
@@ -202,7 +203,8 @@ class InstanceManager:
         self._state = _NEW
         self._regs: dict[Any, dict[Any, AgentRef]] = {}
         self._default_reg: dict[Any, AgentRef] = {}
-        self._listeners: list[Callable[[Event], None]] = []
+        # a tuple, replaced on (un)subscribe: emitting iterates it without a copy
+        self._listeners: tuple[Callable[[Event], None], ...] = ()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._retries: set[asyncio.TimerHandle] = set()
         self._expiring: list[tuple[AgentRef, StopReason, bool]] = []
@@ -445,11 +447,13 @@ class InstanceManager:
         """
         if not callable(callback):
             raise TypeError("subscribe() takes a callable")
-        self._listeners.append(callback)
+        self._listeners = (*self._listeners, callback)
 
         def unsubscribe() -> None:
-            if callback in self._listeners:
-                self._listeners.remove(callback)
+            listeners = list(self._listeners)
+            if callback in listeners:
+                listeners.remove(callback)
+                self._listeners = tuple(listeners)
 
         return unsubscribe
 
@@ -458,7 +462,7 @@ class InstanceManager:
         loop = self._loop
         event = Event(kind, self.name, ref._key, ref._partition,
                       loop.time() if loop is not None else 0.0, reason, error)
-        for callback in list(self._listeners):
+        for callback in self._listeners:
             try:
                 callback(event)
             except Exception:
@@ -588,7 +592,12 @@ class InstanceManager:
             self._reaper = self._spawn(self._reap())
 
     async def _reap(self) -> None:
-        """Hibernate agents that idled out or stopped themselves, in batches."""
+        """Hibernate agents that idled out or stopped themselves, in batches.
+
+        Up to ``_REAP_IN_FLIGHT`` batches are written at once, so that the loop prepares
+        the next batch (hooks, encoding) while storage writes the last one.
+        """
+        in_flight: set[asyncio.Task[Any]] = set()
         try:
             while self._expiring and self._state is _OPEN:
                 batch = self._expiring[: self._batch]
@@ -610,7 +619,13 @@ class InstanceManager:
                         self._emit(EventKind.IDLE, ref, reason)
                     ready.setdefault(reason, []).append(ref)
                 for reason, refs in ready.items():
-                    await self._hibernate(refs, reason)
+                    if len(in_flight) >= _REAP_IN_FLIGHT:
+                        _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    in_flight.add(self._spawn(self._hibernate(refs, reason)))
+                if not self._expiring and in_flight:  # let the last batches land before leaving
+                    _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            if in_flight:
+                await asyncio.wait(in_flight)
         finally:
             self._reaper = None
             if self._expiring and self._state is _OPEN:
