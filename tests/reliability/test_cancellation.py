@@ -191,7 +191,8 @@ async def test_call_cancelled_just_as_the_turn_is_handed_to_it(make_manager: Any
         await asyncio.sleep(0)
         fut = ref._waiters[0]
         gate.set()
-        while not fut.done():  # the running call ends and hands the turn over (no time passes)
+        # spin, not wait: we must act in the window between the hand-over and the waiter running
+        while not fut.done():  # noqa: ASYNC110
             await asyncio.sleep(0)
         queued.cancel()
         with pytest.raises(asyncio.CancelledError):
