@@ -27,8 +27,14 @@ Key: TypeAlias = "str | int | bytes | uuid.UUID | tuple[Key, ...]"
 
 MAX_KEY_BYTES = 1024
 MAX_KEY_DEPTH = 16
+# A str of this many characters encodes to at most 6 * 170 + 2 = 1022 JSON bytes
+# (a control character becomes a 6-byte \u escape; anything else takes at most 4).
+# Fast paths take only ASCII strs of this length (str.isascii() is O(1)): other strs
+# go through check_key, which also refuses lone surrogates (not valid UTF-8).
+SAFE_STR_LEN = (MAX_KEY_BYTES - 2) // 6
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_json_str = json.encoder.encode_basestring  # how _dumps writes a str (ensure_ascii=False)
 
 
 def _tagged(key: object, depth: int, what: str) -> Any:
@@ -57,6 +63,8 @@ def check_key(key: object, what: str = "key") -> Any:
         TypeError: the key (or something nested in it) has an unsupported type.
         ValueError: the encoded key is over 1024 bytes, or nests too deep.
     """
+    if type(key) is str and len(key) <= SAFE_STR_LEN and key.isascii():
+        return key  # the hot case: valid UTF-8 that cannot encode past the limit, skip the JSON
     tagged = _tagged(key, 0, what)
     if type(key) is not int:
         size = len(_dumps(tagged).encode())
@@ -67,6 +75,8 @@ def check_key(key: object, what: str = "key") -> Any:
 
 def storage_key(manager: str, partition: object, key: object) -> str:
     """The storage key of one agent's checkpoint."""
+    if partition is None and type(key) is str:  # the hot case, spelled out: same text as below
+        return f"[{_json_str(manager)},null,{_json_str(key)}]"
     part = None if partition is None else _tagged(partition, 0, "partition")
     return _dumps([manager, part, _tagged(key, 0, "key")])
 

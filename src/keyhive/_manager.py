@@ -26,7 +26,7 @@ from ._errors import (
     UnsavedAgentsError,
 )
 from ._events import Event, EventKind, StopReason
-from ._keys import check_key, storage_key
+from ._keys import SAFE_STR_LEN, check_key, storage_key
 from ._ref import RUNNING, STARTING, STOPPED, STOPPING, AgentRef
 from ._timer import DeadlineWheel
 from .codecs import Codec, JSONCodec, pack, unpack
@@ -194,6 +194,11 @@ class InstanceManager:
 
         self.name = name
         self.agent: type[Agent] = agent
+        # hooks the agent class leaves as the base's no-ops are not run (no coroutine to make)
+        self._runs_on_start = agent.on_start is not Agent.on_start
+        self._runs_on_hibernate = agent.on_hibernate is not Agent.on_hibernate
+        self._runs_on_stop = agent.on_stop is not Agent.on_stop
+        self._custom_state = agent.initial_state is not Agent.initial_state or agent.state_type is not None
         self._state = _NEW
         self._regs: dict[Any, dict[Any, AgentRef]] = {}
         self._default_reg: dict[Any, AgentRef] = {}
@@ -292,9 +297,14 @@ class InstanceManager:
             ManagerClosed: the manager is not running.
         """
         if partition is None and type(key) is str:
-            ref = self._default_reg.get(key)
-            if ref is not None and ref._status is RUNNING:
-                return ref
+            reg = self._default_reg
+            ref = reg.get(key)
+            if ref is not None:
+                if ref._status is RUNNING:
+                    return ref
+            elif (initial_state is None and self._state is _OPEN and len(key) <= SAFE_STR_LEN
+                  and key.isascii()):
+                return await self._activate(reg, key, self.partition, None)  # a valid key, not live
         return await self._get(key, initial_state, self.partition if partition is None else partition)
 
     async def _get(self, key: Any, initial_state: Mapping[str, Any] | None, partition: Any) -> AgentRef:
@@ -324,6 +334,10 @@ class InstanceManager:
 
     async def lookup(self, key: Any, *, partition: Any = None) -> AgentRef | None:
         """The live agent for ``key``, or ``None``; never starts or thaws anything."""
+        if (partition is None and type(key) is str and self._state is _OPEN
+                and len(key) <= SAFE_STR_LEN and key.isascii()):
+            ref = self._default_reg.get(key)  # a valid key of the default partition
+            return None if ref is None or ref._status is STARTING else ref
         self._check_open()
         check_key(key)
         reg = self._registry(self.partition if partition is None else partition, create=False)
@@ -335,7 +349,9 @@ class InstanceManager:
     async def call(self, key: Any, message: Any, *, timeout: float | None = 5.0,
                    partition: Any = None) -> Any:
         """``get(key)`` then ``ref.call(message)``, getting again once if the agent stopped between."""
-        ref = await self.get(key, partition=partition)
+        ref = self._default_reg.get(key) if partition is None and type(key) is str else None
+        if ref is None or ref._status is not RUNNING:  # else: what get() would return, inlined
+            ref = await self.get(key, partition=partition)
         try:
             return await ref.call(message, timeout=timeout)
         except AgentStopped:
@@ -455,8 +471,16 @@ class InstanceManager:
         ref = AgentRef(self, key, partition)
         reg[key] = ref
         try:
-            thawed = await self._make_agent(ref, initial_state)
-            await ref._agent.on_start(thawed)  # type: ignore[union-attr]
+            agent = self.agent()
+            agent._ref = ref
+            ref._agent = agent
+            thawed = self._storage is not None and await self._thaw(ref, agent)
+            if not thawed:
+                params = {} if initial_state is None else dict(initial_state)
+                # the base class's initial_state is dict(params): params is that already
+                agent.state = agent.initial_state(params) if self._custom_state else params
+            if self._runs_on_start:
+                await agent.on_start(thawed)
         except BaseException as exc:
             if reg.get(key) is ref:
                 del reg[key]
@@ -473,40 +497,35 @@ class InstanceManager:
         self._counters["thawed" if thawed else "started"] += 1
         if self._listeners:
             self._emit(EventKind.THAWED if thawed else EventKind.STARTED, ref)
-        ref._notify()
+        if ref._change is not None:
+            ref._notify()
         return ref
 
-    async def _make_agent(self, ref: AgentRef, initial_state: Mapping[str, Any] | None) -> bool:
-        """Build the agent with its state; True when thawed from a checkpoint."""
-        agent = self.agent()
-        agent._ref = ref
-        ref._agent = agent
-        storage = self._storage
-        if storage is not None:
-            skey = storage_key(self.name, ref._partition, ref._key)
-            try:
-                checkpoint = await storage.load(skey)
-            except Exception as exc:
-                self._thaw_failed(ref, exc)
-                raise ThawError(
-                    f"{self.name}: could not load the checkpoint of key {ref._key!r}: {exc!r}"
-                ) from exc
-            if checkpoint is not None:
-                try:
-                    agent.state = self._decode(agent, checkpoint.data)
-                    version = checkpoint.version
-                    if type(version) is not int:
-                        raise StorageError(f"storage returned version {version!r}, not an int")
-                except Exception as exc:
-                    self._thaw_failed(ref, exc)
-                    raise ThawError(
-                        f"{self.name}: the checkpoint of key {ref._key!r} cannot be restored "
-                        f"(left as it is): {exc}"
-                    ) from exc
-                ref._version = version
-                return True
-        agent.state = agent.initial_state(dict(initial_state or {}))
-        return False
+    async def _thaw(self, ref: AgentRef, agent: Agent) -> bool:
+        """Put the checkpointed state into ``agent``; False when there is no checkpoint."""
+        skey = storage_key(self.name, ref._partition, ref._key)
+        try:
+            checkpoint = await self._storage.load(skey)
+        except Exception as exc:
+            self._thaw_failed(ref, exc)
+            raise ThawError(
+                f"{self.name}: could not load the checkpoint of key {ref._key!r}: {exc!r}"
+            ) from exc
+        if checkpoint is None:
+            return False
+        try:
+            agent.state = self._decode(agent, checkpoint.data)
+            version = checkpoint.version
+            if type(version) is not int:
+                raise StorageError(f"storage returned version {version!r}, not an int")
+        except Exception as exc:
+            self._thaw_failed(ref, exc)
+            raise ThawError(
+                f"{self.name}: the checkpoint of key {ref._key!r} cannot be restored "
+                f"(left as it is): {exc}"
+            ) from exc
+        ref._version = version
+        return True
 
     def _thaw_failed(self, ref: AgentRef, exc: BaseException) -> None:
         self._counters["thaw_failures"] += 1
@@ -640,7 +659,8 @@ class InstanceManager:
                 agent = ref._agent
                 assert agent is not None
                 try:
-                    await agent.on_hibernate()
+                    if self._runs_on_hibernate:
+                        await agent.on_hibernate()
                     data = self._encode(agent)
                 except Exception as exc:
                     errors[i] = exc
@@ -690,7 +710,7 @@ class InstanceManager:
     async def _finish(self, ref: AgentRef, reason: StopReason, *, saved: bool) -> None:
         """The checkpoint is written (or storage is off): run on_stop and unregister."""
         agent = ref._agent
-        if agent is not None:
+        if agent is not None and self._runs_on_stop:
             try:
                 await agent.on_stop(reason)
             except Exception:
@@ -705,7 +725,8 @@ class InstanceManager:
         for owner in ref.clear():
             if isinstance(owner, asyncio.Task):
                 owner.remove_done_callback(ref._owner_done)
-        ref._fail_waiters()
+        if ref._waiters is not None:
+            ref._fail_waiters()
         ref._busy = False
         counters = self._counters
         counters["stopped"] += 1
@@ -715,7 +736,8 @@ class InstanceManager:
             if saved:
                 self._emit(EventKind.HIBERNATED, ref, reason)
             self._emit(EventKind.STOPPED, ref, reason)
-        ref._notify()
+        if ref._change is not None:
+            ref._notify()
 
     async def _hibernate_failed(self, ref: AgentRef, reason: StopReason, error: BaseException) -> None:
         self._counters["hibernate_failures"] += 1

@@ -92,7 +92,7 @@ class AgentRef(Lifecycle):
     )
 
     def __init__(self, manager: InstanceManager, key: Any, partition: Any) -> None:
-        Lifecycle.__init__(self)
+        self._owners = self._deadline = self._armed = None  # Lifecycle.__init__, inlined (hot)
         self._mgr = manager
         self._key = key
         self._partition = partition

@@ -15,6 +15,10 @@ on thaw instead of being restored as wrong state::
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import json
+import uuid
 import zlib
 from typing import Any, Protocol, runtime_checkable
 
@@ -51,6 +55,14 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
 
 
+def _strict_default(obj: Any) -> Any:
+    if isinstance(obj, datetime.datetime | datetime.date | datetime.time | uuid.UUID):
+        return str(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    return _default(obj)
+
+
 class JSONCodec:
     """Compact JSON: fast, and readable in any storage tool."""
 
@@ -58,9 +70,17 @@ class JSONCodec:
 
     def encode(self, state: Any) -> bytes:
         try:
-            return orjson.dumps(state, default=_default)
+            data = orjson.dumps(state, default=_default)
         except (TypeError, ValueError, RecursionError) as exc:  # orjson.JSONEncodeError is a TypeError
             raise CodecError(f"state is not JSON-encodable: {exc}") from exc
+        if b"null" in data:
+            # orjson writes NaN and infinities as null, which would thaw as other state.
+            # Only a state with a null in it can hide one: check those strictly.
+            try:
+                json.dumps(state, allow_nan=False, default=_strict_default)
+            except ValueError as exc:
+                raise CodecError(f"state is not JSON-encodable: {exc} (NaN or infinity)") from exc
+        return data
 
     def decode(self, data: bytes, state_type: type[Any] | None = None) -> Any:
         try:

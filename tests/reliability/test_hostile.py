@@ -426,8 +426,6 @@ def test_no_module_imports_pickle_marshal_or_shelve() -> None:
     assert offenders == []
 
 
-@pytest.mark.xfail(reason="orjson writes NaN/inf as null; JSONCodec does not refuse them yet (open issue)",
-                   strict=True)
 def test_nan_and_infinity_are_refused_not_turned_into_null() -> None:
     """NaN and infinities cannot round-trip through JSON: the codec refuses them instead of writing null."""
     codec = keyhive.codecs.JSONCodec()

@@ -1,0 +1,1 @@
+"""keyhive benchmarks: ``python -m bench [--quick] [--json out.json] [--only W1,W3]``."""
