@@ -192,7 +192,7 @@ async def test_call_cancelled_just_as_the_turn_is_handed_to_it(make_manager: Any
         fut = ref._waiters[0]
         gate.set()
         # spin, not wait: we must act in the window between the hand-over and the waiter running
-        while not fut.done():  # noqa: ASYNC110
+        while not fut.done():
             await asyncio.sleep(0)
         queued.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -116,7 +116,7 @@ async def test_hostile_keys_round_trip_and_stay_inside_the_storage(
                 assert await m.call(key, "incr") == i % 3 + 2, key
         if backend == "file":
             # a few files in a tmp dir: blocking is harmless here
-            files = list(tmp_path.rglob("*"))  # noqa: ASYNC240
+            files = list(tmp_path.rglob("*"))
             outside = [p for p in files if not p.is_relative_to(root) and p != root]
             assert outside == []
             assert len(list(root.glob("*.ckpt"))) == len(HOSTILE_KEYS)
@@ -312,7 +312,7 @@ async def _thaw_corrupt(data: bytes) -> None:
         try:
             ref = await m.get("k")
         except keyhive.ThawError as exc:  # either outcome is allowed, so no pytest.raises
-            assert exc.__cause__ is not None  # noqa: PT017
+            assert exc.__cause__ is not None
             assert await m.lookup("k") is None
             assert m.stats().total == 0
             with pytest.raises(keyhive.ThawError):  # fails closed every time, never starts fresh
