@@ -406,7 +406,16 @@ class InstanceManager:
                 continue
             ref._status = STOPPING
             task = self._spawn(self._hibernate([ref], StopReason.STOPPED))
-            errors = await asyncio.shield(task)
+            try:
+                errors = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if task.cancelled() and current is not None and not current.cancelling():
+                    # close gave up on this write at its deadline; our caller was not cancelled
+                    raise ManagerClosed(
+                        f"manager {self.name!r} closed before the checkpoint of key {key!r} was written"
+                    ) from None
+                raise
             if errors[0] is not None:
                 raise errors[0]
             return

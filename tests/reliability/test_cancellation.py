@@ -372,3 +372,25 @@ async def test_waiter_cancelled_before_a_failed_thaw_leaves_no_unretrieved_error
             await asyncio.sleep(0)
         assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
         await assert_clean(m)
+
+
+async def test_stop_racing_a_close_that_gives_up_gets_an_error_not_a_cancellation(make_manager: Any) -> None:
+    """A stop whose slow save is abandoned by close at its deadline raises ManagerClosed, not CancelledError.
+
+    Found while probing close: close cancels the manager's own tasks after its deadline,
+    and the stop awaiting its hibernate task received that CancelledError although
+    nobody had cancelled the stop's caller (which would tear down a TaskGroup or server).
+    """
+    storage = FaultyStorage()
+    m = make_manager(Slow, storage=storage, close_timeout=1)
+    await m.start()
+    await m.call("k", "incr")
+    storage.save_delay = 10.0
+    stop = asyncio.create_task(m.stop("k"))
+    await asyncio.sleep(0.1)
+    with pytest.raises(keyhive.UnsavedAgentsError) as info:
+        await m.close()
+    assert info.value.keys == [(None, "k")]
+    with pytest.raises(keyhive.ManagerClosed, match="before the checkpoint"):
+        await stop
+    assert not stop.cancelled()
