@@ -37,6 +37,7 @@ __all__ = ["InstanceManager", "Stats", "get_manager"]
 logger = logging.getLogger("keyhive")
 
 _running: dict[str, InstanceManager] = {}
+_closing: dict[str, InstanceManager] = {}  # still draining: its agents are live until saved
 _OMITTED: Any = object()
 _NEW, _OPEN, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
 
@@ -246,6 +247,11 @@ class InstanceManager:
             raise RuntimeError(f"manager {self.name!r} is still closing")
         if self.name in _running:
             raise ValueError(f"a manager named {self.name!r} is already running in this process")
+        if self.name in _closing:
+            raise ValueError(
+                f"a manager named {self.name!r} is still closing in this process: await its close() "
+                f"first, or a key could be live in both"
+            )
         loop = asyncio.get_running_loop()
         if self._storage_url is not None and self._state is _CLOSED:
             self._storage = from_url(self._storage_url)
@@ -789,6 +795,7 @@ class InstanceManager:
         self._state = _CLOSING
         if _running.get(self.name) is self:
             del _running[self.name]
+        _closing[self.name] = self
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._close_timeout
         regs = self._regs
@@ -835,6 +842,8 @@ class InstanceManager:
                     logger.exception("keyhive: %s: closing storage failed", self.name)
             self._state = _CLOSED
             self._closer = None
+            if _closing.get(self.name) is self:
+                del _closing[self.name]
         if unsaved:
             keys = [(ref._partition, ref._key) for ref in unsaved]
             shown = ", ".join(repr(k if p is None else (p, k)) for p, k in keys[:20])

@@ -394,3 +394,30 @@ async def test_stop_racing_a_close_that_gives_up_gets_an_error_not_a_cancellatio
     with pytest.raises(keyhive.ManagerClosed, match="before the checkpoint"):
         await stop
     assert not stop.cancelled()
+
+
+async def test_a_new_manager_of_the_same_name_cannot_start_while_the_old_one_drains(make_manager: Any) -> None:
+    """A close that was cancelled keeps draining; a same-named manager refuses to start until it is done.
+
+    Found while probing close: the closing manager left the process registry at once, so
+    a new manager with the same name and storage could start and thaw a key whose
+    newer state the old one was still writing: two live incarnations of one key, and
+    the new one's acknowledged calls lost to a ConflictError.
+    """
+    storage = FaultyStorage()
+    old = make_manager(Slow, storage=storage, name="restart")
+    await old.start()
+    await old.call("k", "incr")
+    storage.save_delay = 5.0
+    closer = asyncio.create_task(old.close())
+    await asyncio.sleep(1)
+    closer.cancel()  # e.g. Ctrl-C during shutdown, then a quick restart
+    with pytest.raises(asyncio.CancelledError):
+        await closer
+    new = make_manager(Slow, storage=storage, name="restart")
+    with pytest.raises(ValueError, match="still closing"):
+        await new.start()
+    await old.close()
+    storage.save_delay = 0
+    async with new:
+        assert await new.call("k", "incr") == 2
