@@ -21,6 +21,8 @@ in milliseconds; never sleep for real in a lifecycle test)::
             await m.call("k", "hello")                 # thawed
             await events.wait_for("hibernate_failed", "k")
             assert (await m.lookup("k")) is not None   # kept alive, retried with backoff
+            storage.fail_save = False
+            await events.wait_next("hibernated", "k")  # the next retry saves it
 """
 
 from __future__ import annotations

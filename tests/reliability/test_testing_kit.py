@@ -135,3 +135,19 @@ async def test_recorder_helpers() -> None:
         await m.call("k", "incr")
         await m.stop("k")
         assert events.count("stopped") == 2  # unsubscribed: the last thaw was not recorded
+
+
+async def test_the_module_docstring_recipe_runs() -> None:
+    """The recipe in keyhive.testing's docstring works as written."""
+    import keyhive.testing
+
+    doc = keyhive.testing.__doc__
+    assert doc is not None
+    body = doc[doc.index("    @pytest.mark.looptime"):].split("\n\n")[0]
+    source = "\n".join(line[4:] for line in body.splitlines())
+    namespace: dict[str, Any] = {
+        "pytest": pytest, "InstanceManager": keyhive.InstanceManager, "MyAgent": Counter,
+        "FaultyStorage": FaultyStorage, "EventRecorder": EventRecorder,
+    }
+    exec(source, namespace)
+    await namespace["test_my_agent_hibernates"]()
