@@ -13,6 +13,10 @@ in microseconds. The idle timeout (10.37 s) and retry backoff (0.71 s) are chose
 no deadline lands on a whole second, so the model never has to guess which of two
 events came first.
 
+Storage faults come from :class:`keyhive.testing.FaultyStorage`: loads and/or saves
+fail for every key or for one key only (so one hibernate batch or one close gets mixed
+results), and recover later.
+
 The model keeps, per key: live or not, the value of the counter (every acknowledged
 ``incr`` adds one), the value stored in the last checkpoint, the owners attached, the
 idle deadline (a time, ``None`` while attached, or ``RETRY`` after a failed hibernate)
