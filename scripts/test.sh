@@ -20,7 +20,7 @@ fi
 echo "== venv + install"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-.venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/python -m pip install -q -e '.[dev,bench]' 2>&1 | grep -v '^WARNING: Location' || true
 .venv/bin/python -c 'import keyhive' # the install must have worked
 
 echo "== ruff"

@@ -83,13 +83,13 @@ def stop(proc: subprocess.Popen[bytes] | None) -> None:
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[Server]:
-    """A private redis-server for the duration of the block."""
+def redis_server(*extra: str) -> Iterator[Server]:
+    """A private redis-server for the duration of the block; ``extra`` are more server flags."""
     if shutil.which("redis-server") is None:
         require_or_skip("redis-server is not installed (apt-get install redis-server)")
     data_dir = tempfile.mkdtemp(prefix="keyhive-redis-")
     port = free_port()
-    server = Server(f"redis://127.0.0.1:{port}/0", port, start_redis(port, data_dir), data_dir)
+    server = Server(f"redis://127.0.0.1:{port}/0", port, start_redis(port, data_dir, *extra), data_dir)
     try:
         yield server
     finally:
@@ -103,8 +103,12 @@ def _pg_bin(name: str) -> str | None:
 
 
 @contextlib.contextmanager
-def postgres_server() -> Iterator[Server]:
-    """A private PostgreSQL cluster (trust auth, user postgres) for the duration of the block."""
+def postgres_server(*, durable: bool = False) -> Iterator[Server]:
+    """A private PostgreSQL cluster (trust auth, user postgres) for the duration of the block.
+
+    Tests run it without fsync (fast); ``durable=True`` keeps PostgreSQL's own defaults
+    (fsync, synchronous_commit=on), which is what benchmarks should measure.
+    """
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     if initdb is None or pg_ctl is None:
         require_or_skip("PostgreSQL is not installed (apt-get install postgresql)")
@@ -128,8 +132,8 @@ def postgres_server() -> Iterator[Server]:
     try:
         run(initdb, "-D", db, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
         run(pg_ctl, "-D", db, "-l", log, "-w", "-t", "30", "start", "-o",
-            f"-p {port} -k {data_dir} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+            f"-p {port} -k {data_dir} -c listen_addresses=127.0.0.1 -c max_connections=200"
+            + ("" if durable else " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"))
         _wait_port(port, 30)
         yield Server(f"postgresql://postgres@127.0.0.1:{port}/postgres", port, None, db)
     finally:

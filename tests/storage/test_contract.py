@@ -161,6 +161,12 @@ async def test_iter_keys_reports_version_and_size(storage: Any) -> None:
     found = {k.key: (k.version, k.size) async for k in storage.iter_keys("p:")}
     assert found == {"p:1": (2, 4), "p:2": (1, 0)}
     assert len([k async for k in storage.iter_keys()]) == 3
+    edge = ["p\U0010ffff", "p\U0010ffff\U0010ffffz", "p\ud7ff!", "p\ue000"]  # the ends of the code space
+    for key in edge:
+        await storage.save(key, b"e", expected_version=None)
+    assert {k.key async for k in storage.iter_keys("p\U0010ffff")} == set(edge[:2])
+    assert {k.key async for k in storage.iter_keys("p\ud7ff")} == {edge[2]}
+    assert {k.key async for k in storage.iter_keys("p")} == {"p:1", "p:2", *edge}
 
 
 async def test_iter_keys_pages_through_many(storage: Any) -> None:
@@ -194,3 +200,12 @@ async def test_a_manager_round_trips_through_the_backend(storage: Any) -> None:
             await m.call(("room", 1), "incr", partition="p")
         await m.stop(("room", 1), partition="p")
         assert await m.call(("room", 1), "incr", partition="p") == 4
+
+
+async def test_a_thousand_concurrent_loads_and_saves(storage: Any) -> None:
+    """A thaw storm's 1,000 concurrent loads and a burst of 1,000 saves all succeed (no pool exhaustion)."""
+    results = await asyncio.gather(*(storage.save(f"c{i}", b"%d" % i, expected_version=None) for i in range(1000)))
+    assert results == [1] * 1000
+    loaded = await asyncio.gather(*(storage.load(f"c{i % 1100}") for i in range(2000)))
+    assert [c.data if c else None for c in loaded] == [b"%d" % (i % 1100) if i % 1100 < 1000 else None
+                                                         for i in range(2000)]

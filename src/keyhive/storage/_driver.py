@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+from collections.abc import Awaitable, Callable
 from types import ModuleType
 from urllib.parse import parse_qsl
 
-__all__ = ["import_driver", "query_options"]
+from ._base import Checkpoint
+
+__all__ = ["LoadBatcher", "import_driver", "query_options"]
 
 
 def import_driver(module: str, extra: str) -> ModuleType:
@@ -29,3 +33,53 @@ def query_options(query: str, allowed: set[str], url: str) -> dict[str, str]:
             f"known: {', '.join(sorted(allowed))}"
         )
     return options
+
+
+class LoadBatcher:
+    """Coalesce the loads requested in one loop iteration into one backend read.
+
+    A thaw storm asks for thousands of keys at once; reading them in one round trip (one
+    ``SELECT … IN``, one pipeline) instead of one each is what makes it fast, and it bounds
+    the connections a storm needs to one.
+    """
+
+    def __init__(self, read: Callable[[list[str]], Awaitable[dict[str, Checkpoint]]]) -> None:
+        self._read = read
+        self._pending: dict[str, list[asyncio.Future[Checkpoint | None]]] = {}
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def load(self, key: str) -> Checkpoint | None:
+        if type(key) is not str:
+            raise TypeError(f"storage keys are str, not {type(key).__name__}")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Checkpoint | None] = loop.create_future()
+        self._pending.setdefault(key, []).append(fut)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, {}
+        if pending:
+            task = asyncio.get_running_loop().create_task(self._load_batch(pending))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _load_batch(self, pending: dict[str, list[asyncio.Future[Checkpoint | None]]]) -> None:
+        try:
+            found = await self._read(list(pending))
+        except BaseException as exc:
+            for futures in pending.values():
+                for fut in futures:
+                    if not fut.done():
+                        fut.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for key, futures in pending.items():
+            for fut in futures:
+                if not fut.done():
+                    fut.set_result(found.get(key))

@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._errors import ConflictError, StorageError
 from ._base import Checkpoint, SaveItem, StoredKey
-from ._driver import import_driver, query_options
+from ._driver import LoadBatcher, import_driver, query_options
 
 __all__ = ["PostgresStorage"]
 
@@ -72,6 +72,7 @@ class PostgresStorage:
         self._pool: Any = None
         self._opening: asyncio.Lock | None = None
         self._closed = False
+        self._loads = LoadBatcher(self._read)
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> PostgresStorage:
@@ -129,9 +130,15 @@ class PostgresStorage:
             raise StorageError(f"{self!r}: {exc!r}") from exc
 
     async def load(self, key: str) -> Checkpoint | None:
-        row = await self._fetch("fetchrow", f"SELECT data, version FROM {self.table} WHERE key = $1",
-                                _escape(key))
-        return None if row is None else Checkpoint(bytes(row[0]), int(row[1]))
+        return await self._loads.load(key)
+
+    async def _read(self, keys: list[str]) -> dict[str, Checkpoint]:
+        """The checkpoints of ``keys`` that exist, in one query."""
+        escaped = {_escape(k): k for k in keys}
+        rows = await self._fetch(
+            "fetch", f"SELECT key, data, version FROM {self.table} WHERE key = ANY($1::text[])",
+            list(escaped))
+        return {escaped[key]: Checkpoint(bytes(data), int(version)) for key, data, version in rows}
 
     async def save(self, key: str, data: bytes, *, expected_version: int | None) -> int:
         results = await self.save_many([SaveItem(key, data, expected_version)])

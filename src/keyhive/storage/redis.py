@@ -4,8 +4,8 @@
 options ``?key_prefix=keyhive:&ttl=0``. Each checkpoint is a hash at
 ``<key_prefix><storage key>`` with fields ``d`` (bytes), ``v`` (version) and ``t``
 (last write, epoch seconds). The Lua script checks the version and writes in one atomic
-step; ``save_many`` sends a batch as one pipeline of script calls, each with its own
-result.
+step; ``save_many`` sends a batch as one script call per 1,000 items, with each item's
+own result.
 
 Durability is the server's: with Redis defaults (RDB snapshots) a crash of the Redis
 server can lose the writes since the last snapshot; run it with ``appendonly yes``
@@ -22,7 +22,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from .._errors import ConflictError, StorageError
 from ._base import Checkpoint, SaveItem, StoredKey
-from ._driver import import_driver, query_options
+from ._driver import LoadBatcher, import_driver, query_options
 
 __all__ = ["RedisStorage"]
 
@@ -43,6 +43,40 @@ if ARGV[4] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
 return {1, new}
 """
 
+# A batch in one script call: KEYS are the keys, ARGV = now, ttl_ms, then data and
+# expected version per key. Items apply in order (a key twice in a batch: the second
+# sees the first's write). Returns ok, version per item, flat.
+_CAS_MANY = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local data, expected = ARGV[2 * i + 1], ARGV[2 * i + 2]
+  local cur = redis.call('HGET', key, 'v')
+  if (expected == '' and cur) or (expected ~= '' and cur ~= expected) then
+    out[2 * i - 1] = 0
+    out[2 * i] = cur or false
+  else
+    local new = 1
+    if cur then new = tonumber(cur) + 1 end
+    redis.call('HSET', key, 'd', data, 'v', new, 't', ARGV[1])
+    if ARGV[2] ~= '0' then redis.call('PEXPIRE', key, ARGV[2]) end
+    out[2 * i - 1] = 1
+    out[2 * i] = new
+  end
+end
+return out
+"""
+# Many loads in one call: data and version per key, flat (false, false when missing).
+_LOAD_MANY = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local r = redis.call('HMGET', key, 'd', 'v')
+  out[2 * i - 1] = r[1]
+  out[2 * i] = r[2]
+end
+return out
+"""
+_SCRIPT_BATCH = 1000  # items per script call, so one call never blocks the server for long
+
 _OWN_OPTIONS = {"key_prefix", "ttl"}
 
 
@@ -62,7 +96,10 @@ class RedisStorage:
         self.key_prefix = key_prefix
         self._ttl_ms = "0" if not ttl else str(int(ttl * 1000))
         self._script = client.register_script(_CAS)
+        self._script_many = client.register_script(_CAS_MANY)
+        self._script_load = client.register_script(_LOAD_MANY)
         self._closed = False
+        self._loads = LoadBatcher(self._read)
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> RedisStorage:
@@ -88,10 +125,13 @@ class RedisStorage:
                 raise ValueError(f"ttl must be seconds in {url!r}") from None
         kwargs.update(overrides)
         try:
-            client = _redis.from_url(urlunsplit(parts._replace(query=rest)))
+            # A blocking pool: a burst of saves waits for a connection instead of failing
+            # with "too many connections" (loads are coalesced and need just one).
+            pool = _redis.BlockingConnectionPool.from_url(urlunsplit(parts._replace(query=rest)),
+                                                          max_connections=50, timeout=20)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"bad Redis URL {url!r}: {exc}") from exc
-        return cls(client, **kwargs)
+        return cls(_redis.Redis.from_pool(pool), **kwargs)
 
     def __repr__(self) -> str:
         kwargs = self._client.connection_pool.connection_kwargs
@@ -107,13 +147,22 @@ class RedisStorage:
 
     async def load(self, key: str) -> Checkpoint | None:
         self._check()
+        return await self._loads.load(key)
+
+    async def _read(self, keys: list[str]) -> dict[str, Checkpoint]:
+        """The checkpoints of ``keys`` that exist: one script call per 1,000 keys."""
+        found: dict[str, Checkpoint] = {}
         try:
-            data, version = await self._client.hmget(self.key_prefix + key, "d", "v")
+            for start in range(0, len(keys), _SCRIPT_BATCH):
+                chunk = keys[start:start + _SCRIPT_BATCH]
+                reply = await self._script_load(keys=[self.key_prefix + k for k in chunk])
+                for pos, key in enumerate(chunk):
+                    data, version = reply[2 * pos], reply[2 * pos + 1]
+                    if version is not None:
+                        found[key] = Checkpoint(bytes(data), int(version))
         except (_exceptions.RedisError, OSError) as exc:
             raise self._errors(exc) from exc
-        if version is None:
-            return None
-        return Checkpoint(bytes(data), int(version))
+        return found
 
     def _args(self, data: bytes, expected: int | None) -> list[Any]:
         if not isinstance(data, bytes):
@@ -140,25 +189,37 @@ class RedisStorage:
         return self._result(key, expected_version, reply)
 
     async def save_many(self, items: Sequence[SaveItem]) -> list[int | BaseException]:
+        """Write a batch with one script call per 1,000 items (each item's own CAS result).
+
+        Every key of a call is passed in KEYS, as Redis requires; on Redis Cluster a batch
+        would need its keys in one hash slot, which keyhive's keys do not promise.
+        """
         self._check()
         items = list(items)
-        try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for item in items:  # on a pipeline, awaiting the script only queues it
-                    await self._script(keys=[self.key_prefix + item.key],
-                                 args=self._args(item.data, item.expected_version), client=pipe)
-                replies = await pipe.execute(raise_on_error=False)
-        except (_exceptions.RedisError, OSError) as exc:
-            raise self._errors(exc) from exc
+        for item in items:
+            if type(item.key) is not str:
+                raise TypeError(f"storage keys are str, not {type(item.key).__name__}")
+        now = repr(time.time())
         results: list[int | BaseException] = []
-        for item, reply in zip(items, replies, strict=True):
-            if isinstance(reply, BaseException):
-                results.append(self._errors(reply))
-                continue
-            try:
-                results.append(self._result(item.key, item.expected_version, reply))
-            except ConflictError as exc:
-                results.append(exc)
+        try:
+            for start in range(0, len(items), _SCRIPT_BATCH):
+                chunk = items[start:start + _SCRIPT_BATCH]
+                args: list[Any] = [now, self._ttl_ms]
+                for item in chunk:
+                    args += self._args(item.data, item.expected_version)[:2]
+                reply = await self._script_many(keys=[self.key_prefix + i.key for i in chunk], args=args)
+                for pos, item in enumerate(chunk):
+                    try:
+                        results.append(self._result(item.key, item.expected_version,
+                                                    (reply[2 * pos], reply[2 * pos + 1])))
+                    except ConflictError as exc:
+                        results.append(exc)
+        except (_exceptions.RedisError, OSError) as exc:
+            if results:  # earlier chunks are written: report them, fail the rest
+                failed = self._errors(exc)
+                failed.__cause__ = exc
+                return results + [failed] * (len(items) - len(results))
+            raise self._errors(exc) from exc
         return results
 
     async def delete(self, key: str) -> bool:

@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlsplit
 
 from .._errors import ConflictError, StorageError
 from ._base import Checkpoint, SaveItem, StoredKey
-from ._driver import query_options
+from ._driver import LoadBatcher, query_options
 
 __all__ = ["SQLiteStorage"]
 
@@ -38,6 +38,21 @@ T = TypeVar("T")
 _SYNC = {"off": "OFF", "normal": "NORMAL", "full": "FULL", "extra": "EXTRA"}
 _TABLE = "keyhive_checkpoints"
 _MAX_PARAMS = 900  # below SQLite's default limit on bound parameters
+
+
+def _after_prefix(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix`` (None: no bound).
+
+    SQLite compares TEXT as UTF-8 bytes, which is code point order, so bumping the last
+    code point that can be bumped gives the bound.
+    """
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        if last < 0x10FFFF:
+            nxt = last + 1 if not 0xD800 <= last + 1 <= 0xDFFF else 0xE000
+            return "".join(chars) + chr(nxt)
+    return None
 
 
 class SQLiteStorage:
@@ -62,9 +77,7 @@ class SQLiteStorage:
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
         self._closed = False
-        self._pending_loads: dict[str, list[asyncio.Future[Checkpoint | None]]] = {}
-        self._load_scheduled = False
-        self._load_tasks: set[asyncio.Task[None]] = set()
+        self._loads = LoadBatcher(self._read)
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStorage:
@@ -137,26 +150,10 @@ class SQLiteStorage:
     # -- the protocol -----------------------------------------------------------------------------
 
     async def load(self, key: str) -> Checkpoint | None:
-        if type(key) is not str:
-            raise TypeError(f"storage keys are str, not {type(key).__name__}")
-        fut: asyncio.Future[Checkpoint | None] = asyncio.get_running_loop().create_future()
-        self._pending_loads.setdefault(key, []).append(fut)
-        if not self._load_scheduled:
-            self._load_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_loads)
-        return await fut
+        return await self._loads.load(key)
 
-    def _flush_loads(self) -> None:
-        """Read every load requested since the last flush in one worker hop."""
-        self._load_scheduled = False
-        pending, self._pending_loads = self._pending_loads, {}
-        if pending:
-            task = asyncio.get_running_loop().create_task(self._load_batch(pending))
-            self._load_tasks.add(task)
-            task.add_done_callback(self._load_tasks.discard)
-
-    async def _load_batch(self, pending: dict[str, list[asyncio.Future[Checkpoint | None]]]) -> None:
-        keys = list(pending)
+    async def _read(self, keys: list[str]) -> dict[str, Checkpoint]:
+        """The checkpoints of ``keys`` that exist, in one worker hop."""
         table = self._table
 
         def read(conn: sqlite3.Connection) -> dict[str, Checkpoint]:
@@ -170,20 +167,7 @@ class SQLiteStorage:
                     found[key] = Checkpoint(bytes(data), version)
             return found
 
-        try:
-            found = await self._run(read)
-        except BaseException as exc:
-            for futures in pending.values():
-                for fut in futures:
-                    if not fut.done():
-                        fut.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for key, futures in pending.items():
-            for fut in futures:
-                if not fut.done():
-                    fut.set_result(found.get(key))
+        return await self._run(read)
 
     @staticmethod
     def _save_one(conn: sqlite3.Connection, table: str, key: str, data: bytes,
@@ -248,16 +232,20 @@ class SQLiteStorage:
     async def iter_keys(self, prefix: str = "") -> AsyncIterator[StoredKey]:
         """Every key starting with ``prefix``, in key order, read in pages of 1,000."""
         table = self._table
-        upper = prefix + "\U0010ffff"  # every key with the prefix sorts below this
+        upper = _after_prefix(prefix)
         after = ""
         first = True
         while True:
             def page(conn: sqlite3.Connection, after: str = after, first: bool = first) -> list[Any]:
                 op = ">=" if first else ">"
+                bound = "" if upper is None else "AND key < ? "
+                args: tuple[Any, ...] = (prefix if first else after,)
+                if upper is not None:
+                    args += (upper,)
                 return conn.execute(
                     f"SELECT key, version, length(data), updated_at FROM {table} "
-                    f"WHERE key {op} ? AND key < ? AND substr(key, 1, ?) = ? ORDER BY key LIMIT 1000",
-                    (prefix if first else after, upper, len(prefix), prefix),
+                    f"WHERE key {op} ? {bound}AND substr(key, 1, ?) = ? ORDER BY key LIMIT 1000",
+                    (*args, len(prefix), prefix),
                 ).fetchall()
 
             rows = await self._run(page)
