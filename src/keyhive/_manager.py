@@ -37,6 +37,7 @@ __all__ = ["InstanceManager", "Stats", "get_manager"]
 logger = logging.getLogger("keyhive")
 
 _running: dict[str, InstanceManager] = {}
+_closing: dict[str, InstanceManager] = {}  # still draining: its agents are live until saved
 _OMITTED: Any = object()
 _NEW, _OPEN, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
 _REAP_IN_FLIGHT = 4  # hibernate batches written at once by the reaper
@@ -248,6 +249,11 @@ class InstanceManager:
             raise RuntimeError(f"manager {self.name!r} is still closing")
         if self.name in _running:
             raise ValueError(f"a manager named {self.name!r} is already running in this process")
+        if self.name in _closing:
+            raise ValueError(
+                f"a manager named {self.name!r} is still closing in this process: await its close() "
+                f"first, or a key could be live in both"
+            )
         loop = asyncio.get_running_loop()
         if self._storage_url is not None and self._state is _CLOSED:
             self._storage = from_url(self._storage_url)
@@ -408,7 +414,16 @@ class InstanceManager:
                 continue
             ref._status = STOPPING
             task = self._spawn(self._hibernate([ref], StopReason.STOPPED))
-            errors = await asyncio.shield(task)
+            try:
+                errors = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if task.cancelled() and current is not None and not current.cancelling():
+                    # close gave up on this write at its deadline; our caller was not cancelled
+                    raise ManagerClosed(
+                        f"manager {self.name!r} closed before the checkpoint of key {key!r} was written"
+                    ) from None
+                raise
             if errors[0] is not None:
                 raise errors[0]
             return
@@ -795,6 +810,7 @@ class InstanceManager:
         self._state = _CLOSING
         if _running.get(self.name) is self:
             del _running[self.name]
+        _closing[self.name] = self
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._close_timeout
         regs = self._regs
@@ -841,6 +857,8 @@ class InstanceManager:
                     logger.exception("keyhive: %s: closing storage failed", self.name)
             self._state = _CLOSED
             self._closer = None
+            if _closing.get(self.name) is self:
+                del _closing[self.name]
         if unsaved:
             keys = [(ref._partition, ref._key) for ref in unsaved]
             shown = ", ".join(repr(k if p is None else (p, k)) for p, k in keys[:20])

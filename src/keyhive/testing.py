@@ -21,6 +21,8 @@ in milliseconds; never sleep for real in a lifecycle test)::
             await m.call("k", "hello")                 # thawed
             await events.wait_for("hibernate_failed", "k")
             assert (await m.lookup("k")) is not None   # kept alive, retried with backoff
+            storage.fail_save = False
+            await events.wait_next("hibernated", "k")  # the next retry saves it
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class FaultyStorage:
         self.faults: Counter[str] = Counter()
         self.faulted_keys: dict[str, set[str]] = {}
         self._previous: dict[str, Checkpoint] = {}
+        self._settled: list[asyncio.Future[None]] = []
 
     def __repr__(self) -> str:
         return f"<FaultyStorage {self.inner!r} loads={self.loads} saves={self.saves}>"
@@ -120,8 +123,21 @@ class FaultyStorage:
 
     async def settled(self) -> None:
         """Wait until no call is under way (delays included)."""
-        while self.in_flight:  # noqa: ASYNC110 - a test helper stepping the loop; no event to wait on
-            await asyncio.sleep(0)
+        if self.in_flight:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._settled.append(fut)
+            await fut
+
+    def _begin(self) -> None:
+        self.in_flight += 1
+
+    def _end(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            waiters, self._settled = self._settled, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
 
     def _targets(self, key: str) -> bool:
         keys = self.fault_keys
@@ -172,7 +188,7 @@ class FaultyStorage:
     # -- the Storage protocol ------------------------------------------------------------------
 
     async def load(self, key: str) -> Checkpoint | None:
-        self.in_flight += 1
+        self._begin()
         try:
             await self._sleep(self.load_delay)
             self._raise_if("fail_load", self.load_error_rate, key)
@@ -185,7 +201,7 @@ class FaultyStorage:
                 return self._previous[key]
             return result
         finally:
-            self.in_flight -= 1
+            self._end()
 
     def _torn(self, key: str, data: bytes) -> bytes:
         if self._take("torn_saves", key) or self._roll(self.torn_rate, key):
@@ -203,18 +219,18 @@ class FaultyStorage:
         return version
 
     async def save(self, key: str, data: bytes, *, expected_version: int | None) -> int:
-        self.in_flight += 1
+        self._begin()
         try:
             await self._sleep(self.save_delay)
             self._raise_if("fail_save", self.save_error_rate, key)
             self.saves += 1
             return await self._save_one(key, data, expected_version)
         finally:
-            self.in_flight -= 1
+            self._end()
 
     async def save_many(self, items: Sequence[SaveItem]) -> list[int | BaseException]:
         """Batched writes; faults apply per item (a failed item does not write)."""
-        self.in_flight += 1
+        self._begin()
         try:
             await self._sleep(self.save_delay)
             self.save_batches += 1
@@ -228,7 +244,7 @@ class FaultyStorage:
                     out.append(exc)
             return out
         finally:
-            self.in_flight -= 1
+            self._end()
 
     async def delete(self, key: str) -> bool:
         self._raise_if("fail_delete", 0.0, key)

@@ -191,7 +191,8 @@ async def test_call_cancelled_just_as_the_turn_is_handed_to_it(make_manager: Any
         await asyncio.sleep(0)
         fut = ref._waiters[0]
         gate.set()
-        while not fut.done():  # the running call ends and hands the turn over (no time passes)
+        # spin, not wait: we must act in the window between the hand-over and the waiter running
+        while not fut.done():
             await asyncio.sleep(0)
         queued.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -371,3 +372,52 @@ async def test_waiter_cancelled_before_a_failed_thaw_leaves_no_unretrieved_error
             await asyncio.sleep(0)
         assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
         await assert_clean(m)
+
+
+async def test_stop_racing_a_close_that_gives_up_gets_an_error_not_a_cancellation(make_manager: Any) -> None:
+    """A stop whose slow save is abandoned by close at its deadline raises ManagerClosed, not CancelledError.
+
+    Found while probing close: close cancels the manager's own tasks after its deadline,
+    and the stop awaiting its hibernate task received that CancelledError although
+    nobody had cancelled the stop's caller (which would tear down a TaskGroup or server).
+    """
+    storage = FaultyStorage()
+    m = make_manager(Slow, storage=storage, close_timeout=1)
+    await m.start()
+    await m.call("k", "incr")
+    storage.save_delay = 10.0
+    stop = asyncio.create_task(m.stop("k"))
+    await asyncio.sleep(0.1)
+    with pytest.raises(keyhive.UnsavedAgentsError) as info:
+        await m.close()
+    assert info.value.keys == [(None, "k")]
+    with pytest.raises(keyhive.ManagerClosed, match="before the checkpoint"):
+        await stop
+    assert not stop.cancelled()
+
+
+async def test_a_new_manager_of_the_same_name_cannot_start_while_the_old_one_drains(make_manager: Any) -> None:
+    """A close that was cancelled keeps draining; a same-named manager refuses to start until it is done.
+
+    Found while probing close: the closing manager left the process registry at once, so
+    a new manager with the same name and storage could start and thaw a key whose
+    newer state the old one was still writing: two live incarnations of one key, and
+    the new one's acknowledged calls lost to a ConflictError.
+    """
+    storage = FaultyStorage()
+    old = make_manager(Slow, storage=storage, name="restart")
+    await old.start()
+    await old.call("k", "incr")
+    storage.save_delay = 5.0
+    closer = asyncio.create_task(old.close())
+    await asyncio.sleep(1)
+    closer.cancel()  # e.g. Ctrl-C during shutdown, then a quick restart
+    with pytest.raises(asyncio.CancelledError):
+        await closer
+    new = make_manager(Slow, storage=storage, name="restart")
+    with pytest.raises(ValueError, match="still closing"):
+        await new.start()
+    await old.close()
+    storage.save_delay = 0
+    async with new:
+        assert await new.call("k", "incr") == 2

@@ -115,7 +115,9 @@ async def test_hostile_keys_round_trip_and_stay_inside_the_storage(
             for i, key in enumerate(HOSTILE_KEYS):
                 assert await m.call(key, "incr") == i % 3 + 2, key
         if backend == "file":
-            outside = [p for p in tmp_path.rglob("*") if not p.is_relative_to(root) and p != root]
+            # a few files in a tmp dir: blocking is harmless here
+            files = list(tmp_path.rglob("*"))
+            outside = [p for p in files if not p.is_relative_to(root) and p != root]
             assert outside == []
             assert len(list(root.glob("*.ckpt"))) == len(HOSTILE_KEYS)
     finally:
@@ -309,7 +311,7 @@ async def _thaw_corrupt(data: bytes) -> None:
         version = await storage.inner.save(skey, data, expected_version=None)
         try:
             ref = await m.get("k")
-        except keyhive.ThawError as exc:
+        except keyhive.ThawError as exc:  # either outcome is allowed, so no pytest.raises
             assert exc.__cause__ is not None
             assert await m.lookup("k") is None
             assert m.stats().total == 0

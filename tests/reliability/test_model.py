@@ -13,6 +13,10 @@ in microseconds. The idle timeout (10.37 s) and retry backoff (0.71 s) are chose
 no deadline lands on a whole second, so the model never has to guess which of two
 events came first.
 
+Storage faults come from :class:`keyhive.testing.FaultyStorage`: loads and/or saves
+fail for every key or for one key only (so one hibernate batch or one close gets mixed
+results), and recover later.
+
 The model keeps, per key: live or not, the value of the counter (every acknowledged
 ``incr`` adds one), the value stored in the last checkpoint, the owners attached, the
 idle deadline (a time, ``None`` while attached, or ``RETRY`` after a failed hibernate)
@@ -135,8 +139,9 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.model = {k: KeyModel() for k in KEYS}
         self.refs: dict[Any, list[keyhive.AgentRef]] = {k: [] for k in KEYS}
         self.owners: dict[int, _Owner] = {}
-        self.load_ok = True
-        self.save_ok = True
+        self.load_ok = True  # False: loads fail (only for self.only when set)
+        self.save_ok = True  # False: saves fail (only for self.only when set)
+        self.only: Any = None
         self.now = 0.0
 
     # -- plumbing -----------------------------------------------------------------------
@@ -215,7 +220,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             if ref is not None:
                 assert ref is km.ref
             return
-        if not self.load_ok:
+        if not self.load_ok_for(key):
             assert isinstance(exc, keyhive.ThawError), exc
             assert isinstance(exc.__cause__, Exception)
             return
@@ -285,7 +290,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             before = self.model[key].live
             result, exc = self.attempt(self.mgr.call(key, message))
             self._get_outcome(key, None, exc)
-            if self.closed or (not before and not self.load_ok):
+            if self.closed or (not before and not self.load_ok_for(key)):
                 return
         else:
             result, exc = self._send(key, "call", message)
@@ -316,7 +321,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         assert exc is None, exc
         km = self.model[key]
         assert result == km.value
-        if self.save_ok:  # also while a failed self-stop waits for its retry: asked again, it tries now
+        if self.save_ok_for(key):  # also while a failed self-stop waits for its retry: asked again, it tries now
             self._stopped(key, keyhive.StopReason.NORMAL)
         else:
             km.self_stop = True
@@ -385,18 +390,26 @@ class LifecycleMachine(RuleBasedStateMachine):
             assert isinstance(exc, keyhive.ManagerClosed)
         elif not km.live:
             assert isinstance(exc, keyhive.NotFound), exc
-        elif self.save_ok:
+        elif self.save_ok_for(key):
             assert exc is None, exc
             self._stopped(key, keyhive.StopReason.STOPPED)
         else:
             assert isinstance(exc, keyhive.StorageError), exc
             assert isinstance(exc.__cause__, Exception)
 
-    @rule(load_ok=st.booleans(), save_ok=st.booleans())
-    def storage_health(self, load_ok: bool, save_ok: bool) -> None:
-        self.load_ok, self.save_ok = load_ok, save_ok
+    def load_ok_for(self, key: Any) -> bool:
+        return self.load_ok or (self.only is not None and key != self.only)
+
+    def save_ok_for(self, key: Any) -> bool:
+        return self.save_ok or (self.only is not None and key != self.only)
+
+    @rule(load_ok=st.booleans(), save_ok=st.booleans(), only=st.none() | st.sampled_from(KEYS))
+    def storage_health(self, load_ok: bool, save_ok: bool, only: Any = None) -> None:
+        """Storage fails (or recovers), for every key or only for one (mixed results in a batch)."""
+        self.load_ok, self.save_ok, self.only = load_ok, save_ok, only
         self.storage.fail_load = not load_ok
         self.storage.fail_save = not save_ok
+        self.storage.fault_keys = None if only is None else {storage_key(NAME, None, only)}
 
     @rule(dt=st.sampled_from([1, 2, 5, 9, 11, 30]))
     def advance(self, dt: int) -> None:
@@ -414,9 +427,9 @@ class LifecycleMachine(RuleBasedStateMachine):
                 continue
             due = not km.owners and (km.deadline == RETRY or (
                 isinstance(km.deadline, float) and km.deadline < target))
-            if km.self_stop and self.save_ok:
+            if km.self_stop and self.save_ok_for(key):
                 self._stopped(key, normal, idle)
-            elif due and self.save_ok:
+            elif due and self.save_ok_for(key):
                 self._stopped(key, idle)
             elif due:
                 km.deadline = RETRY
@@ -425,7 +438,7 @@ class LifecycleMachine(RuleBasedStateMachine):
     @rule(key=st.sampled_from(KEYS))
     def race(self, key: Any) -> None:
         """stop, call and get of one key at once, with storage healthy."""
-        if not (self.load_ok and self.save_ok):
+        if not (self.load_ok_for(key) and self.save_ok_for(key)):
             return
         km = self.model[key]
         before = km.ref if km.live else None
@@ -461,15 +474,17 @@ class LifecycleMachine(RuleBasedStateMachine):
     def close(self) -> None:
         _, exc = self.attempt(self.mgr.close())
         live = [k for k, km in self.model.items() if km.live]
-        if self.save_ok or not live:
+        failing = [k for k in live if not self.save_ok_for(k)]
+        if not failing:
             assert exc is None, exc
-            for key in live:
-                self._stopped(key, keyhive.StopReason.SHUTDOWN)
         else:
             assert isinstance(exc, keyhive.UnsavedAgentsError), exc
-            assert sorted(map(repr, exc.keys)) == sorted(repr((None, k)) for k in live)
-            for key in live:
+            assert sorted(map(repr, exc.keys)) == sorted(repr((None, k)) for k in failing)
+        for key in live:
+            if key in failing:
                 self._stopped(key, keyhive.StopReason.UNSAVED, saved=False)
+            else:
+                self._stopped(key, keyhive.StopReason.SHUTDOWN)
         for owner in self.owners.values():
             self.run(owner.send("finish"))
         self.owners.clear()
