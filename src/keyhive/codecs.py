@@ -100,8 +100,8 @@ _MAGIC = b"keyhive/1 "
 
 def pack(state_version: int, payload: bytes) -> bytes:
     """Wrap an encoded state in the checkpoint envelope."""
-    header = f"{state_version} {zlib.crc32(payload):08x} {len(payload)}\n".encode("ascii")
-    return _MAGIC + header + payload
+    # one bytes formatting: the same envelope as "<magic><version> <crc:08x> <length>\n<payload>"
+    return b"keyhive/1 %d %08x %d\n%b" % (state_version, zlib.crc32(payload), len(payload), payload)
 
 
 def unpack(data: bytes) -> tuple[int, bytes]:
