@@ -110,18 +110,21 @@ def unpack(data: bytes) -> tuple[int, bytes]:
     Raises:
         CodecError: not a keyhive checkpoint, truncated, or corrupt.
     """
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise CodecError(f"checkpoint must be bytes, not {type(data).__name__}")
-    data = bytes(data)
+    if type(data) is not bytes:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise CodecError(f"checkpoint must be bytes, not {type(data).__name__}")
+        data = bytes(data)
     if not data.startswith(_MAGIC):
         raise CodecError("not a keyhive checkpoint (bad header)")
-    end = data.find(b"\n", len(_MAGIC), len(_MAGIC) + 64)
+    start = len(_MAGIC)
+    end = data.find(b"\n", start, start + 64)
     if end < 0:
         raise CodecError("truncated checkpoint header")
     try:
-        version_s, crc_s, length_s = data[len(_MAGIC):end].decode("ascii").split(" ")
+        # int() reads ASCII digits from bytes directly, and refuses anything else
+        version_s, crc_s, length_s = data[start:end].split(b" ")
         state_version, crc, length = int(version_s), int(crc_s, 16), int(length_s)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except ValueError as exc:
         raise CodecError("corrupt checkpoint header") from exc
     payload = data[end + 1:]
     if len(payload) != length:
