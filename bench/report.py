@@ -39,6 +39,13 @@ TARGETS: list[tuple[str, str, str | None, Callable[[float, float], bool]]] = [
 IMPLS = ("keyhive", "floor", "nigrains")
 
 
+def _all_targets() -> list[tuple[str, str, str | None, Callable[[float, float], bool]]]:
+    """Issue 4's targets, and issue 3's storage-storm targets from bench/storage.py."""
+    from .storage import TARGETS as STORAGE_TARGETS
+
+    return TARGETS + STORAGE_TARGETS
+
+
 def _by(rows: Rows) -> dict[str, dict[str, dict[str, Any]]]:
     table: dict[str, dict[str, dict[str, Any]]] = {}
     for r in rows:
@@ -74,7 +81,7 @@ def add_ratios(rows: Rows) -> Rows:
 def check_targets(rows: Rows) -> list[dict[str, Any]]:
     table = _by(rows)
     out = []
-    for label, workload, other, test in TARGETS:
+    for label, workload, other, test in _all_targets():
         impls = table.get(workload, {})
         k = impls.get("keyhive")
         o = impls.get(other) if other else None

@@ -172,3 +172,21 @@ async def test_hooks_run_in_order(make_manager: Any) -> None:
         await m.get("k")
     assert calls == [("start", False), "hibernate", ("stop", "stopped"), ("start", True), "hibernate",
                      ("stop", "shutdown")]
+
+
+async def test_self_stop_in_on_start_stops_after_the_start(make_manager: Any) -> None:
+    """self.stop() called from on_start takes effect once the agent is running: it hibernates and stops."""
+
+    class OneShot(keyhive.Agent):
+        async def on_start(self, thawed: bool) -> None:
+            self.state["starts"] = self.state.get("starts", 0) + 1
+            if self.state["starts"] == 1:
+                self.stop()
+
+        async def handle(self, message: Any) -> Any:
+            return self.state["starts"]
+
+    async with make_manager(OneShot) as m:
+        ref = await m.get("k")
+        assert await ref.wait_stopped() is keyhive.StopReason.NORMAL
+        assert await m.call("k", "x") == 2  # thawed: the first start's state was saved

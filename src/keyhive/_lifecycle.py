@@ -91,9 +91,9 @@ class Lifecycle:
         deadline = self._deadline
         return self._owners is None and deadline is not None and deadline <= now
 
-    def clear(self) -> set[object]:
+    def clear(self) -> set[object] | tuple[()]:
         """Forget owners and deadline (the incarnation stopped); return the owners it had."""
-        owners = self._owners or set()
+        owners = self._owners
         self._owners = None
         self._deadline = None
-        return owners
+        return () if owners is None else owners

@@ -518,6 +518,9 @@ class InstanceManager:
             self._emit(EventKind.THAWED if thawed else EventKind.STARTED, ref)
         if ref._change is not None:
             ref._notify()
+        if ref._stop_req is not None:  # on_start called self.stop()
+            reason, ref._stop_req = ref._stop_req, None
+            ref._request_stop(reason)
         return ref
 
     async def _thaw(self, ref: AgentRef, agent: Agent) -> bool:

@@ -304,7 +304,9 @@ class AgentRef(Lifecycle):
         return self._stop_reason
 
     def _request_stop(self, reason: StopReason) -> None:
-        if self._status is RUNNING:
+        if self._status is STARTING:  # from on_start: acted on once the agent is running
+            self._stop_req = reason
+        elif self._status is RUNNING:
             self._stop_req = reason
             if not self._busy:  # asked from outside a turn: start now
                 self._busy = True

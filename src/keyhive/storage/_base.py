@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 __all__ = ["Checkpoint", "SaveItem", "Storage", "StoredKey"]
 
@@ -17,9 +17,12 @@ class Checkpoint:
     version: int
 
 
-@dataclass(frozen=True, slots=True)
-class SaveItem:
-    """One write of a batch: ``save(key, data, expected_version=...)``."""
+class SaveItem(NamedTuple):
+    """One write of a batch: ``save(key, data, expected_version=...)``.
+
+    A named tuple: a hibernate storm makes one per agent, and a tuple is the cheapest
+    immutable record to build.
+    """
 
     key: str
     data: bytes
