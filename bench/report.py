@@ -1,4 +1,4 @@
-"""The table, the JSON file and ``bench/RESULTS.md``: ratios and targets of issue 4."""
+"""The table, the JSON file and ``bench/RESULTS.md``: ratios and targets of issues 4 and 3."""
 
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def table_md(rows: Rows) -> str:
 
 
 def targets_md(checks: list[dict[str, Any]]) -> str:
-    lines = ["| target (issue 4) | met | measured |", "|---|:-:|---|"]
+    lines = ["| target (issues 4 and 3) | met | measured |", "|---|:-:|---|"]
     for c in checks:
         met = {True: "yes", False: "**no**", None: "-"}[c["met"]]
         lines.append(f"| {c['target']} | {met} | {c['detail']} |")
@@ -164,7 +164,7 @@ keyhive is measured side by side, in one process and one run, with two baselines
 plain-asyncio floor** (`bench/floor.py`: a dict of small objects, a lazily created
 `asyncio.Lock` per key, no task per agent, single-flight creation — what any design pays
 at least) and **nigrains 0.3.1** (the fastest Python virtual-actor peer, through its
-public API). {met} of {len(checks)} targets of issue 4 are met on this machine
+public API). {met} of {len(checks)} targets of issues 4 and 3 are met on this machine
 ({m['cores']} cores, {m['cpu']}, Python {m['python']}, {m['date']}). {missed_text}
 
 Regenerate with `{command}`; `python -m bench --quick` is the CI smoke run.
