@@ -729,6 +729,11 @@ class InstanceManager:
             return
         ref._status = RUNNING
         ref._failures += 1
+        if reason is not StopReason.IDLE_TIMEOUT and self._state is _OPEN \
+                and ref._deadline is not None and ref._owners is None:
+            # The wheel drops an agent it finds STOPPING; if its idle deadline passed
+            # during this failed save, file it again or it never idles out.
+            self._wheel.arm(ref, ref._deadline)
         if reason in (StopReason.IDLE_TIMEOUT, StopReason.NORMAL) and self._state is _OPEN:
             first, cap = self._backoff
             delay = min(cap, first * 2 ** min(ref._failures - 1, 30))

@@ -1,0 +1,47 @@
+"""Races between lifecycle paths that overlap in time (found by the second reliability pass).
+
+Each test pins one interleaving that the model cannot reach because its storage
+answers without delay: an idle deadline or a self-stop retry that falls due while
+another hibernate of the same incarnation is under way, and a write that lands in
+storage but whose reply is lost. All run on virtual time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+import keyhive
+from keyhive.testing import EventRecorder, FaultyStorage
+
+pytestmark = pytest.mark.looptime
+
+
+async def test_idle_deadline_that_falls_during_a_failed_stop_still_idles_out_later(
+    make_manager: Callable[..., keyhive.InstanceManager],
+) -> None:
+    """An idle deadline passing while ``stop()`` is saving is not forgotten when the save fails.
+
+    The wheel found the agent due while it was STOPPING (busy saving for ``stop``) and
+    dropped it; the save then failed, the agent went back to RUNNING with a deadline in
+    the past and no timer, and it never idled out again, even after storage recovered.
+    """
+    storage = FaultyStorage()
+    storage.save_delay = 5.0
+    async with make_manager(storage=storage, idle_timeout=10, retry_backoff=(1.0, 1.0)) as m:
+        events = EventRecorder(m)
+        await m.call("k", "incr")
+        await asyncio.sleep(8)
+        storage.fail_save = 1  # the stop's write fails, after 5 s of latency
+        with pytest.raises(keyhive.StorageError):
+            await m.stop("k")  # t = 8 .. 13: the idle deadline (t = 10) passes meanwhile
+        ref = await m.lookup("k")
+        assert ref is not None and ref.alive
+        storage.save_delay = 0.0
+        reason = await asyncio.wait_for(ref.wait_stopped(), 30)
+        assert reason is keyhive.StopReason.IDLE_TIMEOUT
+        assert events.count("hibernated", "k") == 1
+        assert await m.call("k", "get") == 1
+
