@@ -754,8 +754,14 @@ class InstanceManager:
 
     def _retry_self_stop(self, ref: AgentRef, reason: StopReason) -> None:
         self._retries = {h for h in self._retries if not h.cancelled() and h.when() > self._wheel.now()}
-        if ref._status is RUNNING and self._state is _OPEN:
+        if self._state is not _OPEN:
+            return
+        if ref._status is RUNNING:
             ref._request_stop(reason)
+        elif ref._status is STOPPING and ref._stop_req is None:
+            # Another hibernate (stop()) holds the turn: should it fail, the agent's own
+            # stop is still pending and begins as that turn ends.
+            ref._stop_req = reason
 
     # -- close ----------------------------------------------------------------------------------
 

@@ -45,3 +45,29 @@ async def test_idle_deadline_that_falls_during_a_failed_stop_still_idles_out_lat
         assert events.count("hibernated", "k") == 1
         assert await m.call("k", "get") == 1
 
+
+async def test_self_stop_retry_that_falls_during_a_failed_stop_is_not_forgotten(
+    make_manager: Callable[..., keyhive.InstanceManager],
+) -> None:
+    """A self-stop retry due while ``stop()`` is saving survives that save failing.
+
+    The retry found the agent STOPPING (not RUNNING) and did nothing; when the
+    ``stop()`` write failed the agent went back to RUNNING and its own ``self.stop()``
+    was never retried.
+    """
+    storage = FaultyStorage()
+    async with make_manager(storage=storage, retry_backoff=(1.0, 1.0)) as m:
+        await m.call("k", "incr")
+        storage.fail_save = 1
+        ref = await m.get("k")
+        events = EventRecorder(m)
+        await m.call("k", "stop")  # self-stop: its write fails, retried in 1 s
+        await events.wait_for("hibernate_failed", "k")
+        assert ref.alive
+        storage.save_delay = 3.0
+        storage.fail_save = 1
+        with pytest.raises(keyhive.StorageError):
+            await m.stop("k")  # t = 0 .. 3: the self-stop retry (t = 1) is due meanwhile
+        storage.save_delay = 0.0
+        assert await asyncio.wait_for(ref.wait_stopped(), 30) is keyhive.StopReason.NORMAL
+        assert await m.call("k", "get") == 1
