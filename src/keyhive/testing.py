@@ -57,14 +57,16 @@ class FaultyStorage:
     * ``torn_saves``: the write stores a truncated copy of the bytes and reports
       success, as a crash in the middle of a non-atomic write would;
     * ``stale_loads``: the load returns the checkpoint that was stored *before* the last
-      write of that key (a lagging replica), when there was one.
+      write of that key (a lagging replica), when there was one;
+    * ``lost_replies``: the write lands, then the call raises :class:`StorageFault` (a
+      connection dropped after the commit): the caller cannot tell it from a failed write.
 
     ``fault_keys`` (a predicate on the storage key, or a collection of storage keys)
     limits every programmed and random fault to those keys; the counted budgets only
     count calls on those keys.
 
     Random faults (for soak tests): ``load_error_rate``, ``save_error_rate``,
-    ``torn_rate`` and ``stale_rate`` are probabilities per call (per item of a batch),
+    ``torn_rate``, ``stale_rate`` and ``lost_reply_rate`` are probabilities per call (per item of a batch),
     drawn from ``rng`` (seed it for reproducible runs).
 
     ``load_delay`` / ``save_delay`` are seconds to sleep before the call (virtual time
@@ -73,7 +75,7 @@ class FaultyStorage:
     Counters: ``loads``, ``saves``, ``deletes`` count calls that reached the inner backend
     (items of a batched write count one each), ``save_batches`` the batches;
     ``faults`` counts injected faults by kind (``"load"``, ``"save"``, ``"delete"``,
-    ``"torn"``, ``"stale"``) and ``faulted_keys[kind]`` is the set of storage keys that
+    ``"torn"``, ``"stale"``, ``"lost_reply"``) and ``faulted_keys[kind]`` is the set of storage keys that
     got one; ``in_flight`` is the number of calls under way.
     """
 
@@ -84,11 +86,13 @@ class FaultyStorage:
         self.fail_delete: Setting = False
         self.torn_saves: bool | int = False
         self.stale_loads: bool | int = False
+        self.lost_replies: bool | int = False
         self.fault_keys: Callable[[str], bool] | Any = None
         self.load_error_rate = 0.0
         self.save_error_rate = 0.0
         self.torn_rate = 0.0
         self.stale_rate = 0.0
+        self.lost_reply_rate = 0.0
         self.rng = random.Random(seed)
         self.load_delay: float | Callable[[], float] = 0.0
         self.save_delay: float | Callable[[], float] = 0.0
@@ -109,8 +113,9 @@ class FaultyStorage:
     def heal(self) -> None:
         """Switch every programmed and random fault off (delays and counters stay)."""
         self.fail_load = self.fail_save = self.fail_delete = False
-        self.torn_saves = self.stale_loads = False
+        self.torn_saves = self.stale_loads = self.lost_replies = False
         self.load_error_rate = self.save_error_rate = self.torn_rate = self.stale_rate = 0.0
+        self.lost_reply_rate = 0.0
         self.fault_keys = None
 
     @property
@@ -200,6 +205,9 @@ class FaultyStorage:
         version: int = await self.inner.save(key, self._torn(key, data), expected_version=expected_version)
         if before is not None:
             self._previous[key] = before
+        if self._take("lost_replies", key) or self._roll(self.lost_reply_rate, key):
+            self._count("lost_reply", key)
+            raise StorageFault("injected lost reply: the write landed, the answer did not")
         return version
 
     async def save(self, key: str, data: bytes, *, expected_version: int | None) -> int:
