@@ -649,11 +649,17 @@ class InstanceManager:
                 index.append(i)
             if items:
                 results = await self._save_many(storage, items)
-                for i, result in zip(index, results, strict=True):
+                for i, item, result in zip(index, items, results, strict=True):
+                    ref = refs[i]
+                    if isinstance(result, ConflictError) and ref._unsure is not None:
+                        result = await self._resave_after_lost_reply(storage, ref, item, result)
                     if isinstance(result, BaseException):
                         errors[i] = result
+                        if not isinstance(result, ConflictError):
+                            ref._unsure = item.data
                     else:
-                        refs[i]._version = result
+                        ref._version = result
+                        ref._unsure = None
         for i, ref in enumerate(refs):
             error = errors[i]
             if error is None:
@@ -661,6 +667,28 @@ class InstanceManager:
             else:
                 await self._hibernate_failed(ref, reason, error)
         return errors
+
+    async def _resave_after_lost_reply(self, storage: Any, ref: AgentRef,
+                                       item: SaveItem, conflict: ConflictError) -> int | BaseException:
+        """A conflict after a failed write: was that write ours, landed with its reply lost?
+
+        When the stored bytes are exactly the bytes of our last failed write, the stored
+        version is ours: adopt it and write again. Anything else is another incarnation's
+        newer state, and the conflict stands.
+        """
+        try:
+            checkpoint = await storage.load(item.key)
+        except Exception as exc:
+            return _storage_error(exc)
+        if checkpoint is None or checkpoint.data != ref._unsure or type(checkpoint.version) is not int:
+            return conflict
+        logger.info("keyhive: %s: key %r: an earlier write had landed (its reply was lost); "
+                    "writing again on top of it", self.name, ref._key)
+        ref._version = checkpoint.version
+        results = await self._save_many(
+            storage, [SaveItem(item.key, item.data, checkpoint.version)]
+        )
+        return results[0]
 
     async def _save_many(self, storage: Any, items: list[SaveItem]) -> list[int | BaseException]:
         save_many = getattr(storage, "save_many", None)

@@ -87,6 +87,7 @@ class AgentRef(Lifecycle):
         "_status",
         "_stop_reason",
         "_stop_req",
+        "_unsure",
         "_version",
         "_waiters",
     )
@@ -105,6 +106,7 @@ class AgentRef(Lifecycle):
         self._stop_req: StopReason | None = None
         self._change: asyncio.Future[None] | None = None
         self._failures = 0
+        self._unsure: bytes | None = None  # bytes of a failed write that may have landed
 
     # -- identity -------------------------------------------------------------------
 

@@ -71,3 +71,39 @@ async def test_self_stop_retry_that_falls_during_a_failed_stop_is_not_forgotten(
         storage.save_delay = 0.0
         assert await asyncio.wait_for(ref.wait_stopped(), 30) is keyhive.StopReason.NORMAL
         assert await m.call("k", "get") == 1
+
+
+@pytest.mark.parametrize("how", ["idle", "stop", "close"])
+async def test_a_write_whose_reply_was_lost_does_not_cost_later_acknowledged_state(
+    make_manager: Callable[..., keyhive.InstanceManager], how: str,
+) -> None:
+    """A save that lands but raises (lost reply) is recognised on the next write, not a conflict.
+
+    The agent stayed alive (the save "failed") with the old expected version, so its next
+    write conflicted with its own checkpoint: on idle it stopped with CONFLICT and dropped
+    every call acknowledged since; ``stop()`` raised ConflictError forever; close gave up.
+    """
+    storage = FaultyStorage()
+    m = make_manager(storage=storage, idle_timeout=10, retry_backoff=(1.0, 1.0), close_timeout=5)
+    async with m:
+        events = EventRecorder(m)
+        await m.call("k", "incr")
+        ref = await m.get("k")
+        storage.lost_replies = 1
+        if how == "stop":
+            with pytest.raises(keyhive.StorageError):
+                await m.stop("k")
+        else:
+            await events.wait_for("hibernate_failed", "k")
+        assert ref.alive and storage.faults["lost_reply"] == 1
+        await ref.attach()
+        assert await m.call("k", "incr") == 2  # acknowledged
+        await ref.detach()
+        if how == "stop":
+            await m.stop("k")
+        elif how == "idle":
+            assert await asyncio.wait_for(ref.wait_stopped(), 60) is keyhive.StopReason.IDLE_TIMEOUT
+    assert ref.stop_reason in (keyhive.StopReason.STOPPED, keyhive.StopReason.IDLE_TIMEOUT,
+                               keyhive.StopReason.SHUTDOWN)
+    async with m:
+        assert await m.call("k", "get") == 2
