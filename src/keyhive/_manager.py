@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
 import logging
 import os
@@ -651,15 +652,19 @@ class InstanceManager:
                 results = await self._save_many(storage, items)
                 for i, item, result in zip(index, items, results, strict=True):
                     ref = refs[i]
-                    if isinstance(result, ConflictError) and ref._unsure is not None:
-                        result = await self._resave_after_lost_reply(storage, ref, item, result)
-                    if isinstance(result, BaseException):
-                        errors[i] = result
-                        if not isinstance(result, ConflictError):
-                            ref._unsure = item.data
-                    else:
+                    if not isinstance(result, BaseException):
                         ref._version = result
                         ref._unsure = None
+                        continue
+                    if isinstance(result, ConflictError) and ref._unsure:
+                        result = await self._resave_after_lost_reply(storage, ref, item, result)
+                        if not isinstance(result, BaseException):
+                            ref._version = result
+                            ref._unsure = None
+                            continue
+                    elif not isinstance(result, ConflictError):
+                        _remember_unsure(ref, item.data)
+                    errors[i] = result
         for i, ref in enumerate(refs):
             error = errors[i]
             if error is None:
@@ -672,7 +677,8 @@ class InstanceManager:
                                        item: SaveItem, conflict: ConflictError) -> int | BaseException:
         """A conflict after a failed write: was that write ours, landed with its reply lost?
 
-        When the stored bytes are exactly the bytes of our last failed write, the stored
+        When the stored bytes are exactly those of one of our failed writes since the last
+        version we know (they all expected that version, so at most one landed), the stored
         version is ours: adopt it and write again. Anything else is another incarnation's
         newer state, and the conflict stands.
         """
@@ -680,15 +686,17 @@ class InstanceManager:
             checkpoint = await storage.load(item.key)
         except Exception as exc:
             return _storage_error(exc)
-        if checkpoint is None or checkpoint.data != ref._unsure or type(checkpoint.version) is not int:
+        if checkpoint is None or type(checkpoint.version) is not int \
+                or _digest(checkpoint.data) not in (ref._unsure or ()):
             return conflict
         logger.info("keyhive: %s: key %r: an earlier write had landed (its reply was lost); "
                     "writing again on top of it", self.name, ref._key)
         ref._version = checkpoint.version
-        results = await self._save_many(
-            storage, [SaveItem(item.key, item.data, checkpoint.version)]
-        )
-        return results[0]
+        ref._unsure = None  # older than the adopted version now
+        result = (await self._save_many(storage, [SaveItem(item.key, item.data, checkpoint.version)]))[0]
+        if isinstance(result, BaseException) and not isinstance(result, ConflictError):
+            _remember_unsure(ref, item.data)
+        return result
 
     async def _save_many(self, storage: Any, items: list[SaveItem]) -> list[int | BaseException]:
         save_many = getattr(storage, "save_many", None)
@@ -921,6 +929,19 @@ class InstanceManager:
             return False
         ref._status = STOPPING
         return True
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _remember_unsure(ref: AgentRef, data: bytes) -> None:
+    """A write of ``data`` failed: it may have landed with its reply lost; remember its digest."""
+    unsure = ref._unsure
+    if unsure is None:
+        unsure = ref._unsure = set()
+    if len(unsure) < 64:  # a bound for an agent whose writes fail for a very long time
+        unsure.add(_digest(data))
 
 
 def _storage_error(exc: BaseException) -> BaseException:

@@ -106,7 +106,7 @@ class AgentRef(Lifecycle):
         self._stop_req: StopReason | None = None
         self._change: asyncio.Future[None] | None = None
         self._failures = 0
-        self._unsure: bytes | None = None  # bytes of a failed write that may have landed
+        self._unsure: set[bytes] | None = None  # digests of failed writes that may have landed
 
     # -- identity -------------------------------------------------------------------
 

@@ -205,10 +205,12 @@ class FaultyStorage:
         version: int = await self.inner.save(key, self._torn(key, data), expected_version=expected_version)
         if before is not None:
             self._previous[key] = before
+        return version
+
+    def _lose_reply(self, key: str) -> None:
         if self._take("lost_replies", key) or self._roll(self.lost_reply_rate, key):
             self._count("lost_reply", key)
             raise StorageFault("injected lost reply: the write landed, the answer did not")
-        return version
 
     async def save(self, key: str, data: bytes, *, expected_version: int | None) -> int:
         self.in_flight += 1
@@ -216,7 +218,9 @@ class FaultyStorage:
             await self._sleep(self.save_delay)
             self._raise_if("fail_save", self.save_error_rate, key)
             self.saves += 1
-            return await self._save_one(key, data, expected_version)
+            version = await self._save_one(key, data, expected_version)
+            self._lose_reply(key)
+            return version
         finally:
             self.in_flight -= 1
 
@@ -231,7 +235,9 @@ class FaultyStorage:
                 try:
                     self._raise_if("fail_save", self.save_error_rate, item.key)
                     self.saves += 1
-                    out.append(await self._save_one(item.key, item.data, item.expected_version))
+                    version = await self._save_one(item.key, item.data, item.expected_version)
+                    self._lose_reply(item.key)
+                    out.append(version)
                 except Exception as exc:
                     out.append(exc)
             return out
