@@ -137,6 +137,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.owners: dict[int, _Owner] = {}
         self.load_ok = True
         self.save_ok = True
+        self.lost = False  # saves fail as far as the manager can tell, but land (lost replies)
         self.now = 0.0
 
     # -- plumbing -----------------------------------------------------------------------
@@ -187,7 +188,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         km.deadline = None
         km.self_stop = False
         km.reasons = frozenset(reasons)
-        if saved:
+        if saved or self.lost:  # with lost replies, the unsaved writes of close did land
             km.stored = km.value
             km.stored_known = True
         else:
@@ -198,7 +199,9 @@ class LifecycleMachine(RuleBasedStateMachine):
     def _started(self, key: Any, ref: keyhive.AgentRef) -> None:
         km = self.model[key]
         km.live = True
+        assert km.stored_known, km
         km.value = km.stored or 0
+        km.stored_known = not self.lost
         km.owners = set()
         km.deadline = self.now + T
         km.self_stop = False
@@ -392,11 +395,19 @@ class LifecycleMachine(RuleBasedStateMachine):
             assert isinstance(exc, keyhive.StorageError), exc
             assert isinstance(exc.__cause__, Exception)
 
-    @rule(load_ok=st.booleans(), save_ok=st.booleans())
-    def storage_health(self, load_ok: bool, save_ok: bool) -> None:
+    @rule(load_ok=st.booleans(), save_ok=st.booleans(), lost=st.booleans())
+    def storage_health(self, load_ok: bool, save_ok: bool, lost: bool = False) -> None:
+        """Storage up or down; a failing save either writes nothing or (``lost``) lands
+        and loses its reply, which the manager cannot tell apart."""
         self.load_ok, self.save_ok = load_ok, save_ok
+        self.lost = lost and not save_ok
         self.storage.fail_load = not load_ok
-        self.storage.fail_save = not save_ok
+        self.storage.fail_save = not save_ok and not self.lost
+        self.storage.lost_replies = self.lost
+        if self.lost:  # any write from now on may land: the stored value is known again on a stop
+            for km in self.model.values():
+                if km.live:
+                    km.stored_known = False
 
     @rule(dt=st.sampled_from([1, 2, 5, 9, 11, 30]))
     def advance(self, dt: int) -> None:
@@ -605,4 +616,22 @@ def test_self_stop_after_a_failed_stop_while_attached() -> None:
         ("stop", {"key": "a"}),
         ("storage_health", {"load_ok": True, "save_ok": True}),
         ("self_stop", {"key": "a"}),
+    ])
+
+
+def test_lost_reply_then_recovery_keeps_the_state_acknowledged_since() -> None:
+    """A self-stop whose write landed but whose reply was lost; later calls are not dropped.
+
+    Found by the model once it could lose replies: the retry conflicted with the
+    agent's own landed write, the agent stopped with CONFLICT and its later increments
+    were gone.
+    """
+    _replay(LifecycleMachine, [
+        ("call", {"key": "a", "message": "incr", "via_manager": True}),
+        ("storage_health", {"load_ok": True, "save_ok": False, "lost": True}),
+        ("self_stop", {"key": "a"}),
+        ("call", {"key": "a", "message": "incr", "via_manager": False}),
+        ("storage_health", {"load_ok": True, "save_ok": True, "lost": False}),
+        ("advance", {"dt": 1}),
+        ("get", {"key": "a"}),
     ])
