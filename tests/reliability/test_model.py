@@ -81,6 +81,7 @@ class KeyModel:
     self_stop: bool = False
     ref: keyhive.AgentRef | None = None
     reasons: frozenset[keyhive.StopReason] = frozenset()
+    unsure: bool = False  # a write of this incarnation may have landed (lost reply)
 
 
 class _Owner:
@@ -191,8 +192,11 @@ class LifecycleMachine(RuleBasedStateMachine):
         if saved or self.lost:  # with lost replies, the unsaved writes of close did land
             km.stored = km.value
             km.stored_known = True
-        else:
-            km.value = km.stored or 0  # the documented loss: reported by close
+        else:  # the documented loss, reported by close: what is stored is what thaws
+            if not km.stored_known:  # an earlier write landed, its reply lost
+                km.stored, km.stored_known = self._read_stored(key), True
+            km.value = km.stored or 0
+        km.unsure = False
         assert km.ref is not None
         self.refs[key].append(km.ref)
 
@@ -206,6 +210,19 @@ class LifecycleMachine(RuleBasedStateMachine):
         km.deadline = self.now + T
         km.self_stop = False
         km.ref = ref
+
+    def _saves(self, key: Any) -> bool:
+        """Whether a hibernate of ``key`` succeeds now.
+
+        After a write whose reply was lost, the next write conflicts with it and the
+        manager must load the checkpoint to recognise it as its own: that needs loads too.
+        """
+        return self.save_ok and (self.load_ok or not self.model[key].unsure)
+
+    def _tried(self, key: Any) -> None:
+        """A hibernate of live ``key`` was tried and failed; with lost replies, it landed."""
+        if self.lost:
+            self.model[key].unsure = True
 
     def _get_outcome(self, key: Any, ref: Any, exc: BaseException | None) -> None:
         """Check and apply the outcome of a get (or of the get inside call/attach)."""
@@ -319,9 +336,10 @@ class LifecycleMachine(RuleBasedStateMachine):
         assert exc is None, exc
         km = self.model[key]
         assert result == km.value
-        if self.save_ok:  # also while a failed self-stop waits for its retry: asked again, it tries now
+        if self._saves(key):  # also while a failed self-stop waits for its retry: asked again, it tries now
             self._stopped(key, keyhive.StopReason.NORMAL)
         else:
+            self._tried(key)
             km.self_stop = True
 
     @rule(key=st.sampled_from(KEYS), owner=st.integers(0, OWNERS - 1))
@@ -388,10 +406,11 @@ class LifecycleMachine(RuleBasedStateMachine):
             assert isinstance(exc, keyhive.ManagerClosed)
         elif not km.live:
             assert isinstance(exc, keyhive.NotFound), exc
-        elif self.save_ok:
+        elif self._saves(key):
             assert exc is None, exc
             self._stopped(key, keyhive.StopReason.STOPPED)
         else:
+            self._tried(key)
             assert isinstance(exc, keyhive.StorageError), exc
             assert isinstance(exc.__cause__, Exception)
 
@@ -425,12 +444,15 @@ class LifecycleMachine(RuleBasedStateMachine):
                 continue
             due = not km.owners and (km.deadline == RETRY or (
                 isinstance(km.deadline, float) and km.deadline < target))
-            if km.self_stop and self.save_ok:
+            ok = self._saves(key)
+            if km.self_stop and ok:
                 self._stopped(key, normal, idle)
-            elif due and self.save_ok:
+            elif due and ok:
                 self._stopped(key, idle)
-            elif due:
-                km.deadline = RETRY
+            elif due or km.self_stop:
+                self._tried(key)
+                if due:
+                    km.deadline = RETRY
 
     @precondition(lambda self: not self.closed)
     @rule(key=st.sampled_from(KEYS))
@@ -472,15 +494,18 @@ class LifecycleMachine(RuleBasedStateMachine):
     def close(self) -> None:
         _, exc = self.attempt(self.mgr.close())
         live = [k for k, km in self.model.items() if km.live]
-        if self.save_ok or not live:
+        unsaved = [k for k in live if not self._saves(k)]
+        if not unsaved:
             assert exc is None, exc
-            for key in live:
-                self._stopped(key, keyhive.StopReason.SHUTDOWN)
         else:
             assert isinstance(exc, keyhive.UnsavedAgentsError), exc
-            assert sorted(map(repr, exc.keys)) == sorted(repr((None, k)) for k in live)
-            for key in live:
+            assert sorted(map(repr, exc.keys)) == sorted(repr((None, k)) for k in unsaved)
+        for key in live:
+            if key in unsaved:
+                self._tried(key)
                 self._stopped(key, keyhive.StopReason.UNSAVED, saved=False)
+            else:
+                self._stopped(key, keyhive.StopReason.SHUTDOWN)
         for owner in self.owners.values():
             self.run(owner.send("finish"))
         self.owners.clear()
@@ -633,5 +658,23 @@ def test_lost_reply_then_recovery_keeps_the_state_acknowledged_since() -> None:
         ("call", {"key": "a", "message": "incr", "via_manager": False}),
         ("storage_health", {"load_ok": True, "save_ok": True, "lost": False}),
         ("advance", {"dt": 1}),
+        ("get", {"key": "a"}),
+    ])
+
+
+def test_recovering_from_a_lost_reply_needs_loads_and_waits_for_them() -> None:
+    """After a lost reply, recognising the landed write needs a load: with loads down the
+    agent stays alive and close names it, instead of overwriting or dropping anything.
+
+    Found by the model (the model had assumed saves alone were enough).
+    """
+    _replay(LifecycleMachine, [
+        ("storage_health", {"load_ok": True, "save_ok": False, "lost": True}),
+        ("self_stop", {"key": "a"}),
+        ("storage_health", {"load_ok": False, "save_ok": True, "lost": False}),
+        ("advance", {"dt": 1}),
+        ("close", {}),
+        ("storage_health", {"load_ok": True, "save_ok": True, "lost": False}),
+        ("reopen", {}),
         ("get", {"key": "a"}),
     ])
