@@ -773,7 +773,10 @@ class InstanceManager:
         if reason in (StopReason.IDLE_TIMEOUT, StopReason.NORMAL) and self._state is _OPEN:
             first, cap = self._backoff
             delay = min(cap, first * 2 ** min(ref._failures - 1, 30))
-            log = logger.warning if ref._failures == 1 or not isinstance(error, CodecError) else logger.debug
+            log = logger.warning
+            if isinstance(error, CodecError):
+                log = logger.debug if ref._codec_logged else logger.warning
+                ref._codec_logged = True
             log("keyhive: %s: hibernate of key %r failed (attempt %d), agent kept alive, "
                 "retry in %.1fs: %r", self.name, ref._key, ref._failures, delay, error)
             if reason is StopReason.IDLE_TIMEOUT:

@@ -80,6 +80,7 @@ class AgentRef(Lifecycle):
         "_agent",
         "_busy",
         "_change",
+        "_codec_logged",
         "_failures",
         "_key",
         "_mgr",
@@ -106,6 +107,7 @@ class AgentRef(Lifecycle):
         self._stop_req: StopReason | None = None
         self._change: asyncio.Future[None] | None = None
         self._failures = 0
+        self._codec_logged = False  # an unencodable state is logged once per incarnation
         self._unsure: set[bytes] | None = None  # digests of failed writes that may have landed
 
     # -- identity -------------------------------------------------------------------

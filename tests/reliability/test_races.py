@@ -107,3 +107,27 @@ async def test_a_write_whose_reply_was_lost_does_not_cost_later_acknowledged_sta
                                keyhive.StopReason.SHUTDOWN)
     async with m:
         assert await m.call("k", "get") == 2
+
+
+async def test_an_unencodable_state_is_logged_even_after_an_earlier_storage_failure(
+    make_manager: Callable[..., keyhive.InstanceManager], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The CodecError of a retry is logged (once) even when a storage error came first.
+
+    Only the first failure of an incarnation was logged at WARNING, later CodecErrors at
+    DEBUG: after a storage outage, an agent whose state became unencodable kept failing
+    its hibernate forever without a word about why.
+    """
+    storage = FaultyStorage()
+    async with make_manager(storage=storage, idle_timeout=10, retry_backoff=(1.0, 1.0)) as m:
+        events = EventRecorder(m)
+        storage.fail_save = 1
+        await m.call("k", "incr")
+        await events.wait_for("hibernate_failed", "k")  # a storage error: logged
+        await m.call("k", ("set", "tags", {"a", "b"}))  # a set: JSON cannot encode it
+        await events.wait_count("hibernate_failed", 5, "k")
+        codec = [r for r in caplog.records if r.levelname == "WARNING" and "CodecError" in r.getMessage()]
+        assert len(codec) == 1, [r.getMessage() for r in caplog.records]
+        assert (await m.lookup("k")) is not None  # kept alive
+        await m.call("k", ("set", "tags", ["a", "b"]))
+        await events.wait_for("hibernated", "k")
