@@ -561,7 +561,9 @@ class InstanceManager:
         if self._state is not _OPEN:
             return False
         ref._status = STOPPING
-        self._expiring.append((ref, ref._stop_req or StopReason.NORMAL, True))
+        # Whatever reason the agent gave, a self-stop saves, fails and retries as NORMAL;
+        # _finish reports the reason it asked for (kept in _stop_req until then).
+        self._expiring.append((ref, StopReason.NORMAL, True))
         self._kick_reaper()
         return True
 
@@ -725,6 +727,8 @@ class InstanceManager:
 
     async def _finish(self, ref: AgentRef, reason: StopReason, *, saved: bool) -> None:
         """The checkpoint is written (or storage is off): run on_stop and unregister."""
+        if reason is StopReason.NORMAL and ref._stop_req is not None:
+            reason = ref._stop_req  # a self-stop: the reason the agent gave
         agent = ref._agent
         if agent is not None:
             try:
@@ -784,8 +788,9 @@ class InstanceManager:
                 self._wheel.arm(ref, ref._deadline)  # type: ignore[arg-type]
             else:
                 # Asked again when the retry is due; until then turns end as usual.
+                requested = ref._stop_req or reason
                 ref._stop_req = None
-                handle = asyncio.get_running_loop().call_later(delay, self._retry_self_stop, ref, reason)
+                handle = asyncio.get_running_loop().call_later(delay, self._retry_self_stop, ref, requested)
                 self._retries.add(handle)
         if reason is not StopReason.SHUTDOWN:
             ref._release()

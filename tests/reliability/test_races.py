@@ -131,3 +131,40 @@ async def test_an_unencodable_state_is_logged_even_after_an_earlier_storage_fail
         assert (await m.lookup("k")) is not None  # kept alive
         await m.call("k", ("set", "tags", ["a", "b"]))
         await events.wait_for("hibernated", "k")
+
+
+class Quitter(keyhive.Agent):
+    """Stops itself with whatever reason it is told."""
+
+    def initial_state(self, params: dict[str, object]) -> dict[str, int]:
+        return {"n": 0}
+
+    async def handle(self, message: object) -> int:
+        if isinstance(message, str) and message.startswith("quit:"):
+            self.stop(message.removeprefix("quit:"))
+        else:
+            self.state["n"] += 1
+        return self.state["n"]
+
+
+@pytest.mark.parametrize("reason", list(keyhive.StopReason))
+async def test_a_failed_self_stop_with_any_reason_is_retried_and_never_wedges_the_agent(
+    make_manager: Callable[..., keyhive.InstanceManager], reason: keyhive.StopReason,
+) -> None:
+    """``self.stop(reason)`` behaves like ``self.stop()`` whatever the reason it reports.
+
+    A self-stop with a reason other than NORMAL took the failure path of that reason:
+    "shutdown" kept the turn for a drain that was not coming (every later call hung),
+    "stopped"/"unsaved"/"conflict" were never retried, "conflict"... stopped unsaved.
+    """
+    storage = FaultyStorage()
+    async with make_manager(Quitter, storage=storage, retry_backoff=(1.0, 1.0)) as m:
+        ref = await m.get("k")
+        await ref.call("incr")
+        storage.fail_save = 1
+        events = EventRecorder(m)
+        await ref.call(f"quit:{reason}")
+        await events.wait_for("hibernate_failed", "k")
+        assert await asyncio.wait_for(ref.call("incr"), 5) == 2  # not wedged
+        assert await asyncio.wait_for(ref.wait_stopped(), 30) is reason  # retried, reported as asked
+        assert await m.call("k", "incr") == 3  # nothing lost
