@@ -618,7 +618,7 @@ class InstanceManager:
             await ref._acquire()
         except Exception:
             return  # stopped meanwhile
-        if ref._status is not RUNNING or (
+        if self._state is not _OPEN or ref._status is not RUNNING or (
             reason is StopReason.IDLE_TIMEOUT and not self._still_due(ref, self._wheel.now())
         ):
             ref._release()

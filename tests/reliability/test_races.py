@@ -168,3 +168,25 @@ async def test_a_failed_self_stop_with_any_reason_is_retried_and_never_wedges_th
         assert await asyncio.wait_for(ref.call("incr"), 5) == 2  # not wedged
         assert await asyncio.wait_for(ref.wait_stopped(), 30) is reason  # retried, reported as asked
         assert await m.call("k", "incr") == 3  # nothing lost
+
+
+async def test_an_idle_stop_waiting_for_a_busy_agent_leaves_it_to_close(
+    make_manager: Callable[..., keyhive.InstanceManager],
+) -> None:
+    """An idle stop queued behind a long call, when close begins meanwhile, yields to the drain.
+
+    It went on as if the manager were open: it hibernated the agent as IDLE_TIMEOUT in
+    the middle of the drain, or (not due any more) armed a timer on the closed wheel
+    that outlived the manager.
+    """
+    async with make_manager(idle_timeout=1) as m:
+        ref = await m.get("k")
+        call = asyncio.ensure_future(ref.call(("sleep", 5), timeout=None))
+        await asyncio.sleep(4.5)  # idle fired at t=1 while busy: the stop waits for the turn
+        ref.touch()  # not due any more at t=5
+        closing = asyncio.ensure_future(m.close())
+        await asyncio.sleep(0.1)
+        assert await call == 1
+        await closing
+    assert ref.stop_reason is keyhive.StopReason.SHUTDOWN
+    assert not m._wheel._handles, m._wheel._handles
