@@ -207,6 +207,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         assert km.stored_known, km
         km.value = km.stored or 0
         km.stored_known = not self.lost
+        km.unsure = False
         km.owners = set()
         km.deadline = self.now + T
         km.self_stop = False
@@ -697,4 +698,17 @@ def test_close_with_loads_down_after_a_lost_reply_leaves_the_landed_write() -> N
         ("cast", {"key": "a"}),
         ("storage_health", {"load_ok": False, "save_ok": False, "lost": True}),
         ("close", {}),
+    ])
+
+
+def test_a_race_restart_does_not_inherit_the_old_incarnations_lost_reply() -> None:
+    """The model's soak profile: a lost reply of one incarnation says nothing about the
+    next one, which stops fine with loads down (the model had carried the flag over)."""
+    _replay(LifecycleMachine, [
+        ("storage_health", {"load_ok": True, "save_ok": False, "lost": True}),
+        ("self_stop", {"key": ("t", 1)}),
+        ("storage_health", {"load_ok": True, "save_ok": True, "lost": False}),
+        ("race", {"key": ("t", 1)}),
+        ("storage_health", {"load_ok": False, "save_ok": True, "lost": False}),
+        ("stop", {"key": ("t", 1)}),
     ])
