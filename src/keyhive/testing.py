@@ -1,8 +1,8 @@
 """What you need to test your own agents: fault-injecting storage and event waiters.
 
-* :class:`FaultyStorage` wraps any backend and fails, delays, tears or serves stale
-  reads on demand: every call, the next N calls, only some keys, or at random with a
-  seeded rate. It counts what it did (``faults``) and what is in flight.
+* :class:`FaultyStorage` wraps any backend and fails, delays, tears, loses replies or
+  serves stale reads on demand: every call, the next N calls, only some keys, or at
+  random with a seeded rate. It counts what it did (``faults``) and what is in flight.
 * :class:`EventRecorder` records a manager's lifecycle events; ``await
   recorder.wait_for("hibernated", key)`` returns as soon as that happened.
 
@@ -21,6 +21,8 @@ in milliseconds; never sleep for real in a lifecycle test)::
             await m.call("k", "hello")                 # thawed
             await events.wait_for("hibernate_failed", "k")
             assert (await m.lookup("k")) is not None   # kept alive, retried with backoff
+
+The whole guide, with the faults and what to assert, is ``docs/testing.md``.
 """
 
 from __future__ import annotations
