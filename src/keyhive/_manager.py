@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
 import logging
 import os
@@ -601,7 +602,9 @@ class InstanceManager:
         if self._state is not _OPEN:
             return False
         ref._status = STOPPING
-        self._expiring.append((ref, ref._stop_req or StopReason.NORMAL, True))
+        # Whatever reason the agent gave, a self-stop saves, fails and retries as NORMAL;
+        # _finish reports the reason it asked for (kept in _stop_req until then).
+        self._expiring.append((ref, StopReason.NORMAL, True))
         self._kick_reaper()
         return True
 
@@ -667,7 +670,7 @@ class InstanceManager:
             await ref._acquire()
         except Exception:
             return  # stopped meanwhile
-        if ref._status is not RUNNING or (
+        if self._state is not _OPEN or ref._status is not RUNNING or (
             reason is StopReason.IDLE_TIMEOUT and not self._still_due(ref, self._wheel.now())
         ):
             ref._release()
@@ -702,11 +705,21 @@ class InstanceManager:
                 index.append(i)
             if items:
                 results = await self._save_many(storage, items)
-                for i, result in zip(index, results, strict=True):
-                    if isinstance(result, BaseException):
-                        errors[i] = result
-                    else:
-                        refs[i]._version = result
+                for i, item, result in zip(index, items, results, strict=True):
+                    ref = refs[i]
+                    if not isinstance(result, BaseException):
+                        ref._version = result
+                        ref._unsure = None
+                        continue
+                    if isinstance(result, ConflictError) and ref._unsure:
+                        result = await self._resave_after_lost_reply(storage, ref, item, result)
+                        if not isinstance(result, BaseException):
+                            ref._version = result
+                            ref._unsure = None
+                            continue
+                    elif not isinstance(result, ConflictError):
+                        _remember_unsure(ref, item.data)
+                    errors[i] = result
         for i, ref in enumerate(refs):
             error = errors[i]
             if error is None:
@@ -714,6 +727,31 @@ class InstanceManager:
             else:
                 await self._hibernate_failed(ref, reason, error)
         return errors
+
+    async def _resave_after_lost_reply(self, storage: Any, ref: AgentRef,
+                                       item: SaveItem, conflict: ConflictError) -> int | BaseException:
+        """A conflict after a failed write: was that write ours, landed with its reply lost?
+
+        When the stored bytes are exactly those of one of our failed writes since the last
+        version we know (they all expected that version, so at most one landed), the stored
+        version is ours: adopt it and write again. Anything else is another incarnation's
+        newer state, and the conflict stands.
+        """
+        try:
+            checkpoint = await storage.load(item.key)
+        except Exception as exc:
+            return _storage_error(exc)
+        if checkpoint is None or type(checkpoint.version) is not int \
+                or _digest(checkpoint.data) not in (ref._unsure or ()):
+            return conflict
+        logger.info("keyhive: %s: key %r: an earlier write had landed (its reply was lost); "
+                    "writing again on top of it", self.name, ref._key)
+        ref._version = checkpoint.version
+        ref._unsure = None  # older than the adopted version now
+        result = (await self._save_many(storage, [SaveItem(item.key, item.data, checkpoint.version)]))[0]
+        if isinstance(result, BaseException) and not isinstance(result, ConflictError):
+            _remember_unsure(ref, item.data)
+        return result
 
     async def _save_many(self, storage: Any, items: list[SaveItem]) -> list[int | BaseException]:
         save_many = getattr(storage, "save_many", None)
@@ -742,6 +780,8 @@ class InstanceManager:
 
     async def _finish(self, ref: AgentRef, reason: StopReason, *, saved: bool) -> None:
         """The checkpoint is written (or storage is off): run on_stop and unregister."""
+        if reason is StopReason.NORMAL and ref._stop_req is not None:
+            reason = ref._stop_req  # a self-stop: the reason the agent gave
         agent = ref._agent
         if agent is not None and self._runs_on_stop:
             try:
@@ -784,10 +824,18 @@ class InstanceManager:
             return
         ref._status = RUNNING
         ref._failures += 1
+        if reason is not StopReason.IDLE_TIMEOUT and self._state is _OPEN \
+                and ref._deadline is not None and ref._owners is None:
+            # The wheel drops an agent it finds STOPPING; if its idle deadline passed
+            # during this failed save, file it again or it never idles out.
+            self._wheel.arm(ref, ref._deadline)
         if reason in (StopReason.IDLE_TIMEOUT, StopReason.NORMAL) and self._state is _OPEN:
             first, cap = self._backoff
             delay = min(cap, first * 2 ** min(ref._failures - 1, 30))
-            log = logger.warning if ref._failures == 1 or not isinstance(error, CodecError) else logger.debug
+            log = logger.warning
+            if isinstance(error, CodecError):
+                log = logger.debug if ref._codec_logged else logger.warning
+                ref._codec_logged = True
             log("keyhive: %s: hibernate of key %r failed (attempt %d), agent kept alive, "
                 "retry in %.1fs: %r", self.name, ref._key, ref._failures, delay, error)
             if reason is StopReason.IDLE_TIMEOUT:
@@ -795,8 +843,9 @@ class InstanceManager:
                 self._wheel.arm(ref, ref._deadline)  # type: ignore[arg-type]
             else:
                 # Asked again when the retry is due; until then turns end as usual.
+                requested = ref._stop_req or reason
                 ref._stop_req = None
-                handle = asyncio.get_running_loop().call_later(delay, self._retry_self_stop, ref, reason)
+                handle = asyncio.get_running_loop().call_later(delay, self._retry_self_stop, ref, requested)
                 self._retries.add(handle)
         if reason is not StopReason.SHUTDOWN:
             ref._release()
@@ -804,8 +853,14 @@ class InstanceManager:
 
     def _retry_self_stop(self, ref: AgentRef, reason: StopReason) -> None:
         self._retries = {h for h in self._retries if not h.cancelled() and h.when() > self._wheel.now()}
-        if ref._status is RUNNING and self._state is _OPEN:
+        if self._state is not _OPEN:
+            return
+        if ref._status is RUNNING:
             ref._request_stop(reason)
+        elif ref._status is STOPPING and ref._stop_req is None:
+            # Another hibernate (stop()) holds the turn: should it fail, the agent's own
+            # stop is still pending and begins as that turn ends.
+            ref._stop_req = reason
 
     # -- close ----------------------------------------------------------------------------------
 
@@ -940,6 +995,19 @@ class InstanceManager:
             return False
         ref._status = STOPPING
         return True
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _remember_unsure(ref: AgentRef, data: bytes) -> None:
+    """A write of ``data`` failed: it may have landed with its reply lost; remember its digest."""
+    unsure = ref._unsure
+    if unsure is None:
+        unsure = ref._unsure = set()
+    if len(unsure) < 64:  # a bound for an agent whose writes fail for a very long time
+        unsure.add(_digest(data))
 
 
 def _storage_error(exc: BaseException) -> BaseException:

@@ -80,6 +80,7 @@ class AgentRef(Lifecycle):
         "_agent",
         "_busy",
         "_change",
+        "_codec_logged",
         "_failures",
         "_key",
         "_mgr",
@@ -87,6 +88,7 @@ class AgentRef(Lifecycle):
         "_status",
         "_stop_reason",
         "_stop_req",
+        "_unsure",
         "_version",
         "_waiters",
     )
@@ -105,6 +107,8 @@ class AgentRef(Lifecycle):
         self._stop_req: StopReason | None = None
         self._change: asyncio.Future[None] | None = None
         self._failures = 0
+        self._codec_logged = False  # an unencodable state is logged once per incarnation
+        self._unsure: set[bytes] | None = None  # digests of failed writes that may have landed
 
     # -- identity -------------------------------------------------------------------
 

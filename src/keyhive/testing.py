@@ -1,8 +1,8 @@
 """What you need to test your own agents: fault-injecting storage and event waiters.
 
-* :class:`FaultyStorage` wraps any backend and fails, delays, tears or serves stale
-  reads on demand: every call, the next N calls, only some keys, or at random with a
-  seeded rate. It counts what it did (``faults``) and what is in flight.
+* :class:`FaultyStorage` wraps any backend and fails, delays, tears, loses replies or
+  serves stale reads on demand: every call, the next N calls, only some keys, or at
+  random with a seeded rate. It counts what it did (``faults``) and what is in flight.
 * :class:`EventRecorder` records a manager's lifecycle events; ``await
   recorder.wait_for("hibernated", key)`` returns as soon as that happened.
 
@@ -23,6 +23,8 @@ in milliseconds; never sleep for real in a lifecycle test)::
             assert (await m.lookup("k")) is not None   # kept alive, retried with backoff
             storage.fail_save = False
             await events.wait_next("hibernated", "k")  # the next retry saves it
+
+The whole guide, with the faults and what to assert, is ``docs/testing.md``.
 """
 
 from __future__ import annotations
@@ -59,14 +61,16 @@ class FaultyStorage:
     * ``torn_saves``: the write stores a truncated copy of the bytes and reports
       success, as a crash in the middle of a non-atomic write would;
     * ``stale_loads``: the load returns the checkpoint that was stored *before* the last
-      write of that key (a lagging replica), when there was one.
+      write of that key (a lagging replica), when there was one;
+    * ``lost_replies``: the write lands, then the call raises :class:`StorageFault` (a
+      connection dropped after the commit): the caller cannot tell it from a failed write.
 
     ``fault_keys`` (a predicate on the storage key, or a collection of storage keys)
     limits every programmed and random fault to those keys; the counted budgets only
     count calls on those keys.
 
     Random faults (for soak tests): ``load_error_rate``, ``save_error_rate``,
-    ``torn_rate`` and ``stale_rate`` are probabilities per call (per item of a batch),
+    ``torn_rate``, ``stale_rate`` and ``lost_reply_rate`` are probabilities per call (per item of a batch),
     drawn from ``rng`` (seed it for reproducible runs).
 
     ``load_delay`` / ``save_delay`` are seconds to sleep before the call (virtual time
@@ -75,7 +79,7 @@ class FaultyStorage:
     Counters: ``loads``, ``saves``, ``deletes`` count calls that reached the inner backend
     (items of a batched write count one each), ``save_batches`` the batches;
     ``faults`` counts injected faults by kind (``"load"``, ``"save"``, ``"delete"``,
-    ``"torn"``, ``"stale"``) and ``faulted_keys[kind]`` is the set of storage keys that
+    ``"torn"``, ``"stale"``, ``"lost_reply"``) and ``faulted_keys[kind]`` is the set of storage keys that
     got one; ``in_flight`` is the number of calls under way.
     """
 
@@ -86,11 +90,13 @@ class FaultyStorage:
         self.fail_delete: Setting = False
         self.torn_saves: bool | int = False
         self.stale_loads: bool | int = False
+        self.lost_replies: bool | int = False
         self.fault_keys: Callable[[str], bool] | Any = None
         self.load_error_rate = 0.0
         self.save_error_rate = 0.0
         self.torn_rate = 0.0
         self.stale_rate = 0.0
+        self.lost_reply_rate = 0.0
         self.rng = random.Random(seed)
         self.load_delay: float | Callable[[], float] = 0.0
         self.save_delay: float | Callable[[], float] = 0.0
@@ -112,8 +118,9 @@ class FaultyStorage:
     def heal(self) -> None:
         """Switch every programmed and random fault off (delays and counters stay)."""
         self.fail_load = self.fail_save = self.fail_delete = False
-        self.torn_saves = self.stale_loads = False
+        self.torn_saves = self.stale_loads = self.lost_replies = False
         self.load_error_rate = self.save_error_rate = self.torn_rate = self.stale_rate = 0.0
+        self.lost_reply_rate = 0.0
         self.fault_keys = None
 
     @property
@@ -218,13 +225,20 @@ class FaultyStorage:
             self._previous[key] = before
         return version
 
+    def _lose_reply(self, key: str) -> None:
+        if self._take("lost_replies", key) or self._roll(self.lost_reply_rate, key):
+            self._count("lost_reply", key)
+            raise StorageFault("injected lost reply: the write landed, the answer did not")
+
     async def save(self, key: str, data: bytes, *, expected_version: int | None) -> int:
         self._begin()
         try:
             await self._sleep(self.save_delay)
             self._raise_if("fail_save", self.save_error_rate, key)
             self.saves += 1
-            return await self._save_one(key, data, expected_version)
+            version = await self._save_one(key, data, expected_version)
+            self._lose_reply(key)
+            return version
         finally:
             self._end()
 
@@ -239,7 +253,9 @@ class FaultyStorage:
                 try:
                     self._raise_if("fail_save", self.save_error_rate, item.key)
                     self.saves += 1
-                    out.append(await self._save_one(item.key, item.data, item.expected_version))
+                    version = await self._save_one(item.key, item.data, item.expected_version)
+                    self._lose_reply(item.key)
+                    out.append(version)
                 except Exception as exc:
                     out.append(exc)
             return out

@@ -18,7 +18,9 @@ Invariants, checked while running and at the end:
    write before (older state never overwrites newer);
 3. a torn write is always detected on thaw (``ThawError``, never a wrong state) and the
    torn bytes are never overwritten;
-4. a ``ConflictError`` / ``CONFLICT`` stop only happens to a key that got a stale read;
+4. a ``ConflictError`` / ``CONFLICT`` stop only happens to a key that got a stale read (or
+   a torn write whose reply was lost); a write that landed with its reply lost is not a
+   conflict;
 5. a ``ThawError`` only happens on a failed load or a torn checkpoint;
 6. no acknowledged state is lost: for every key without a torn write or stale read, the
    final stored counter is at least the highest value any ``call`` acknowledged;
@@ -239,6 +241,7 @@ class Soak:
     def chaos_on(self) -> None:
         s, rng = self.storage, self.rng
         s.load_error_rate, s.save_error_rate, s.torn_rate, s.stale_rate = 0.02, 0.03, 0.003, 0.01
+        s.lost_reply_rate = 0.01
         s.load_delay = lambda: rng.random() * 0.002
         s.save_delay = lambda: rng.random() * 0.003
 
@@ -289,7 +292,9 @@ class Soak:
         stale = self.storage.faulted_keys.get("stale", set())
         loaded = self.storage.faulted_keys.get("load", set())
         for key in self.conflict_keys:
-            report.check(self.skey(key) in stale, f"{key!r}: conflict without a stale read")
+            # a torn write whose reply was also lost cannot be told from another incarnation's
+            report.check(self.skey(key) in stale or self.skey(key) in torn,
+                         f"{key!r}: conflict without a stale read")
         for key, exc in self.thaw_errors:
             report.check(
                 self.skey(key) in torn or self.skey(key) in loaded,
@@ -351,7 +356,7 @@ class Soak:
             f"soak: {sum(r.ops.values())} operations in {elapsed:.1f}s "
             f"({len(self.keys)} keys, {self.n_clients} clients, {r.cancels} cancelled), "
             f"faults injected {sum(f.values())} (load {f['load']}, save {f['save']}, torn {f['torn']}, "
-            f"stale {f['stale']}), errors seen {sum(r.errors.values())}, "
+            f"stale {f['stale']}, lost reply {f['lost_reply']}), errors seen {sum(r.errors.values())}, "
             f"invariants checked {r.checks}, violations {len(r.violations)}, "
             f"memory after close +{self.memory_growth / 1e6:.1f} MB"
         )
@@ -395,6 +400,7 @@ def test_soak(capsys: pytest.CaptureFixture[str]) -> None:
     assert s.report.violations == [], s.report.violations[:20]
     assert sum(s.report.ops.values()) > 10_000
     assert s.storage.faults["torn"] and s.storage.faults["stale"] and s.storage.faults["save"]
+    assert s.storage.faults["lost_reply"]
 
 
 def test_soak_on_sqlite(capsys: pytest.CaptureFixture[str]) -> None:
