@@ -18,6 +18,7 @@ __all__ = [
     "MAX_KEY_BYTES",
     "Key",
     "check_key",
+    "is_plain_key",
     "decode_storage_key",
     "storage_key",
     "storage_prefix",
@@ -29,8 +30,8 @@ MAX_KEY_BYTES = 1024
 MAX_KEY_DEPTH = 16
 # A str of this many characters encodes to at most 6 * 170 + 2 = 1022 JSON bytes
 # (a control character becomes a 6-byte \u escape; anything else takes at most 4).
-# Fast paths take only ASCII strs of this length (str.isascii() is O(1)): other strs
-# go through check_key, which also refuses lone surrogates (not valid UTF-8).
+# Fast paths take only ASCII strs of this length (is_plain_key): other strs go through
+# check_key, which also refuses lone surrogates (not valid UTF-8).
 SAFE_STR_LEN = (MAX_KEY_BYTES - 2) // 6
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -56,6 +57,14 @@ def _tagged(key: object, depth: int, what: str) -> Any:
     )
 
 
+def is_plain_key(key: object) -> bool:
+    """A short ASCII str: valid as it is (valid UTF-8, cannot encode past the limit).
+
+    The manager's fast paths skip ``check_key`` for these; ``str.isascii()`` is O(1).
+    """
+    return type(key) is str and len(key) <= SAFE_STR_LEN and key.isascii()
+
+
 def check_key(key: object, what: str = "key") -> Any:
     """Validate a key (or partition) and return its tagged JSON form.
 
@@ -63,8 +72,8 @@ def check_key(key: object, what: str = "key") -> Any:
         TypeError: the key (or something nested in it) has an unsupported type.
         ValueError: the encoded key is over 1024 bytes, or nests too deep.
     """
-    if type(key) is str and len(key) <= SAFE_STR_LEN and key.isascii():
-        return key  # the hot case: valid UTF-8 that cannot encode past the limit, skip the JSON
+    if is_plain_key(key):
+        return key  # the hot case: skip the JSON
     tagged = _tagged(key, 0, what)
     if type(key) is not int:
         size = len(_dumps(tagged).encode())

@@ -6,11 +6,11 @@ import asyncio
 import importlib
 from collections.abc import Awaitable, Callable
 from types import ModuleType
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ._base import Checkpoint
 
-__all__ = ["LoadBatcher", "import_driver", "query_options"]
+__all__ = ["LoadBatcher", "import_driver", "query_options", "split_options"]
 
 
 def import_driver(module: str, extra: str) -> ModuleType:
@@ -33,6 +33,18 @@ def query_options(query: str, allowed: set[str], url: str) -> dict[str, str]:
             f"known: {', '.join(sorted(allowed))}"
         )
     return options
+
+
+def split_options(url: str, own: set[str]) -> tuple[dict[str, str], str]:
+    """Split a URL's query into keyhive's own options and the URL left for the driver.
+
+    The driver keeps every other query option (e.g. redis-py's ``socket_timeout``).
+    """
+    parts = urlsplit(url)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    mine = {k: v for k, v in pairs if k in own}
+    rest = urlencode([(k, v) for k, v in pairs if k not in own])
+    return mine, urlunsplit(parts._replace(query=rest))
 
 
 class LoadBatcher:

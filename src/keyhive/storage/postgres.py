@@ -19,11 +19,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from .._errors import ConflictError, StorageError
 from ._base import Checkpoint, SaveItem, StoredKey
-from ._driver import LoadBatcher, import_driver, query_options
+from ._driver import LoadBatcher, import_driver, split_options
 
 __all__ = ["PostgresStorage"]
 
@@ -80,8 +80,7 @@ class PostgresStorage:
         parts = urlsplit(url)
         if parts.scheme not in ("postgresql", "postgres"):
             raise ValueError(f"not a PostgreSQL URL: {url!r}")
-        pairs = parse_qsl(parts.query, keep_blank_values=True)
-        own = query_options(urlencode([(k, v) for k, v in pairs if k in _OWN_OPTIONS]), _OWN_OPTIONS, url)
+        own, dsn = split_options(url, _OWN_OPTIONS)
         kwargs: dict[str, Any] = {}
         if "table" in own:
             kwargs["table"] = own["table"]
@@ -92,8 +91,7 @@ class PostgresStorage:
                 except ValueError:
                     raise ValueError(f"{name} must be an int in {url!r}") from None
         kwargs.update(overrides)
-        rest = urlencode([(k, v) for k, v in pairs if k not in _OWN_OPTIONS])
-        return cls(urlunsplit(parts._replace(query=rest)), **kwargs)
+        return cls(dsn, **kwargs)
 
     def __repr__(self) -> str:
         parts = urlsplit(self._dsn)

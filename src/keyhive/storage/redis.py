@@ -18,11 +18,11 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from .._errors import ConflictError, StorageError
 from ._base import Checkpoint, SaveItem, StoredKey
-from ._driver import LoadBatcher, import_driver, query_options
+from ._driver import LoadBatcher, import_driver, split_options
 
 __all__ = ["RedisStorage"]
 
@@ -109,12 +109,7 @@ class RedisStorage:
             raise ValueError(f"not a Redis URL: {url!r}")
         if parts.scheme != "unix" and not parts.hostname:
             raise ValueError(f"Redis URL needs a host, e.g. 'redis://127.0.0.1:6379/0', not {url!r}")
-        query = urlsplit(url).query
-        from urllib.parse import parse_qsl
-
-        pairs = parse_qsl(query, keep_blank_values=True)
-        own = query_options(urlencode([(k, v) for k, v in pairs if k in _OWN_OPTIONS]), _OWN_OPTIONS, url)
-        rest = urlencode([(k, v) for k, v in pairs if k not in _OWN_OPTIONS])
+        own, driver_url = split_options(url, _OWN_OPTIONS)
         kwargs: dict[str, Any] = {}
         if "key_prefix" in own:
             kwargs["key_prefix"] = own["key_prefix"]
@@ -127,7 +122,7 @@ class RedisStorage:
         try:
             # A blocking pool: a burst of saves waits for a connection instead of failing
             # with "too many connections" (loads are coalesced and need just one).
-            pool = _redis.BlockingConnectionPool.from_url(urlunsplit(parts._replace(query=rest)),
+            pool = _redis.BlockingConnectionPool.from_url(driver_url,
                                                           max_connections=50, timeout=20)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"bad Redis URL {url!r}: {exc}") from exc
