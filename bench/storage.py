@@ -170,7 +170,7 @@ async def s1_keyhive(make: Callable[[], Any], name: str, n: int) -> float:
                 await ref.detach(owner)
             del refs
             await asyncio.wait_for(all_stopped.wait(), 60 + n / 1000)
-            if manager.stats().count:
+            if (await manager.stats()).count:
                 raise RuntimeError("S1: agents left after the storm")
     return n / (last_stop - first_idle[0])
 

@@ -53,7 +53,7 @@ async def main(storage: str, idle: float) -> None:
             assert ref is not None
             reason = await ref.wait_stopped()
             print(f"   alice stopped after {time.monotonic() - started:.1f}s: {reason}")
-            print(f"   live agents now: {sessions.stats().keys} (bob is attached, so he stays)")
+            print(f"   live agents now: {(await sessions.stats()).keys} (bob is attached, so he stays)")
 
         print("3. alice comes back: her agent thaws from storage with its state")
         count = await sessions.call("alice", "incr")

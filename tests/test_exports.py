@@ -10,8 +10,9 @@ import keyhive
 PUBLIC = {
     "Agent", "AgentRef", "AgentStopped", "Checkpoint", "Codec", "CodecError", "ConflictError",
     "Event", "EventKind", "FileStorage", "get_manager", "InstanceManager", "JSONCodec",
-    "KeyhiveError", "ManagerClosed", "MemoryStorage", "NotFound", "SaveItem", "Stats",
-    "StopReason", "Storage", "StorageError", "StoredKey", "ThawError", "UnsavedAgentsError",
+    "KeyhiveError", "LeaseLost", "ManagerClosed", "MemoryStorage", "NotFound", "OwnedElsewhere",
+    "ReentrancyError", "SaveItem", "Stats", "StopReason", "Storage", "StorageError", "StoredKey",
+    "SubscriberOverflow", "ThawError", "UnsavedAgentsError",
 }
 
 
@@ -32,8 +33,10 @@ def test_public_classes_show_the_public_module() -> None:
 def test_error_tree() -> None:
     """Every error derives from KeyhiveError; NotFound is a LookupError; ConflictError a StorageError."""
     for name in ["NotFound", "AgentStopped", "ThawError", "StorageError", "ConflictError",
-                 "CodecError", "ManagerClosed", "UnsavedAgentsError"]:
+                 "CodecError", "ManagerClosed", "UnsavedAgentsError", "LeaseLost", "OwnedElsewhere",
+                 "ReentrancyError", "SubscriberOverflow"]:
         assert issubclass(getattr(keyhive, name), keyhive.KeyhiveError)
+    assert issubclass(keyhive.LeaseLost, keyhive.ConflictError)
     assert issubclass(keyhive.NotFound, LookupError)
     assert issubclass(keyhive.ConflictError, keyhive.StorageError)
     assert issubclass(keyhive.UnsavedAgentsError, keyhive.StorageError)

@@ -165,7 +165,7 @@ async def test_many_agents_idle_out_together_in_batches(make_manager: Any) -> No
         await asyncio.gather(*(r.wait_stopped() for r in refs))
         assert storage.saves == 2000
         assert storage.save_batches <= 2000 // 256 + 2
-        assert m.stats().count == 0
+        assert (await m.stats()).count == 0
 
 
 async def test_get_while_hibernating_waits_and_thaws_the_new_state(make_manager: Any) -> None:

@@ -37,7 +37,7 @@ async def test_different_keys_get_different_agents(manager: keyhive.InstanceMana
 async def test_lookup_never_starts(manager: keyhive.InstanceManager) -> None:
     """lookup returns None for a key without a live agent and the ref once one exists."""
     assert await manager.lookup("x") is None
-    assert manager.stats().count == 0
+    assert (await manager.stats()).count == 0
     ref = await manager.get("x")
     assert await manager.lookup("x") == ref
 
@@ -103,9 +103,9 @@ async def test_partitions_are_separate_agents(manager: keyhive.InstanceManager) 
     assert await b.call("get") == 0
     assert await manager.lookup("k") is None
     assert await manager.lookup("k", partition="a") == a
-    assert manager.stats(partition="a").keys == ["k"]
-    assert manager.stats().count == 0
-    assert manager.stats().total == 2
+    assert (await manager.stats(partition="a")).keys == ["k"]
+    assert (await manager.stats()).count == 0
+    assert (await manager.stats()).total == 2
 
 
 async def test_manager_default_partition(make_manager: Any) -> None:
@@ -114,7 +114,7 @@ async def test_manager_default_partition(make_manager: Any) -> None:
         ref = await m.get("k")
         assert ref.partition == "tenant-1"
         assert await m.lookup("k", partition="tenant-1") == ref
-        assert m.stats().keys == ["k"]
+        assert (await m.stats()).keys == ["k"]
 
 
 async def test_stop_writes_the_checkpoint_and_raises_not_found_after(make_manager: Any) -> None:
@@ -151,14 +151,14 @@ async def test_stats_count_and_keys(manager: keyhive.InstanceManager) -> None:
         await manager.get(key)
     ref = await manager.get("d")
     await ref.attach()
-    stats = manager.stats()
+    stats = (await manager.stats())
     assert stats.count == 4
     assert sorted(stats.keys) == ["a", "b", "c", "d"]
     assert stats.attached == 1
     assert stats.running
     assert stats.counters["started"] == 4
     await manager.stop("a")
-    assert manager.stats().count == 3
+    assert (await manager.stats()).count == 3
 
 
 async def test_tuple_uuid_int_bytes_keys(manager: keyhive.InstanceManager) -> None:
@@ -180,7 +180,7 @@ async def test_bad_key_types(manager: keyhive.InstanceManager, key: Any) -> None
         await manager.lookup(key)
     with pytest.raises(TypeError):
         await manager.stop(key)
-    assert manager.stats().total == 0
+    assert (await manager.stats()).total == 0
 
 
 async def test_oversized_key(manager: keyhive.InstanceManager) -> None:
@@ -312,12 +312,12 @@ def test_idle_timeout_forms() -> None:
         assert M("x", Counter, idle_timeout=never).idle_timeout is None
 
 
-def test_registry_partitions_default_and_reported() -> None:
+async def test_registry_partitions_default_and_reported() -> None:
     """registry_partitions defaults to the CPU count and is reported in stats."""
     import os
 
     m = keyhive.InstanceManager("x", Counter, registry_partitions=8)
-    assert m.stats().registry_partitions == 8
+    assert (await m.stats()).registry_partitions == 8
     assert keyhive.InstanceManager("x", Counter).registry_partitions == (os.cpu_count() or 1)
 
 

@@ -45,7 +45,7 @@ async def test_concurrent_cold_gets_of_a_failing_thaw_share_the_error(make_manag
         storage.fail_load = True
         results = await asyncio.gather(*(m.get("k") for _ in range(50)), return_exceptions=True)
         assert all(isinstance(r, keyhive.ThawError) for r in results)
-        assert m.stats().total == 0
+        assert (await m.stats()).total == 0
 
 
 async def test_cancelled_get_leaves_no_half_registered_key(make_manager: Any) -> None:
@@ -63,7 +63,7 @@ async def test_cancelled_get_leaves_no_half_registered_key(make_manager: Any) ->
         storage.load_delay = 0
         ref = await second
         assert ref.alive
-        assert m.stats().keys == ["k"]
+        assert (await m.stats()).keys == ["k"]
         assert await m.get("k") == ref
 
         storage.load_delay = 1.0
@@ -73,7 +73,7 @@ async def test_cancelled_get_leaves_no_half_registered_key(make_manager: Any) ->
         with pytest.raises(asyncio.CancelledError):
             await lone
         assert await m.lookup("other") is None
-        assert m.stats().keys == ["k"]
+        assert (await m.stats()).keys == ["k"]
 
 
 async def _store(storage: keyhive.MemoryStorage, manager: str, key: Any, data: bytes) -> int:
@@ -93,7 +93,7 @@ async def test_corrupt_checkpoint_fails_closed(make_manager: Any, data: bytes) -
         with pytest.raises(keyhive.ThawError) as info:
             await m.get("k")
         assert info.value.__cause__ is not None
-        assert m.stats().total == 0
+        assert (await m.stats()).total == 0
         assert await m.lookup("k") is None
         stored = await storage.load(storage_key("fc", None, "k"))
         assert stored == keyhive.Checkpoint(data, version)
@@ -111,7 +111,7 @@ async def test_unreachable_storage_on_thaw_fails_closed(make_manager: Any) -> No
         with pytest.raises(keyhive.ThawError) as info:
             await m.get("k")
         assert isinstance(info.value.__cause__, ConnectionError)
-        assert m.stats().total == 0
+        assert (await m.stats()).total == 0
         assert await m.call("k", "incr") == 1  # storage back: fresh start
 
 
@@ -311,7 +311,7 @@ async def test_failing_on_start_starts_nothing(make_manager: Any) -> None:
     async with make_manager(BadStart) as m:
         with pytest.raises(ValueError, match="cannot start"):
             await m.get("k")
-        assert m.stats().total == 0
+        assert (await m.stats()).total == 0
 
 
 @pytest.mark.looptime

@@ -23,6 +23,10 @@ class StopReason(enum.StrEnum):
     """Another incarnation wrote newer state; this one stopped without overwriting it."""
     UNSAVED = "unsaved"
     """The manager closed before this agent's state could be saved (see the close error)."""
+    EVICTED = "evicted"
+    """``max_live`` needed room: the least recently used unattached agent hibernated."""
+    LEASE_LOST = "lease_lost"
+    """Another process took over this manager's lease; the agent stopped without writing."""
 
 
 class EventKind(enum.StrEnum):

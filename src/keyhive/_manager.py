@@ -97,11 +97,28 @@ class InstanceManager:
     * ``timer_resolution``: idle deadlines are rounded up to this many seconds.
     """
 
+    def __new__(cls, *args: Any, runtime: Any = None, **kwargs: Any) -> InstanceManager:
+        """``runtime=None`` is this class; a runtime object (``keyhive.ray.RayRuntime``) picks
+        the manager class that serves the same API from other processes."""
+        if runtime is None:
+            return super().__new__(cls)
+        manager_type = getattr(runtime, "manager_type", None)
+        if not callable(manager_type):
+            raise TypeError(
+                f"runtime must be a keyhive runtime such as keyhive.ray.RayRuntime(address='auto'), "
+                f"or None for this process; got {type(runtime).__name__}"
+            )
+        sub = manager_type()
+        if not (isinstance(sub, type) and issubclass(sub, cls)):
+            raise TypeError(f"{type(runtime).__name__}.manager_type() must return an InstanceManager subclass")
+        return super().__new__(sub)
+
     def __init__(
         self,
         name: str,
         agent: type[Agent],
         *,
+        runtime: Any = None,
         idle_timeout: float | timedelta | None = None,
         storage: Any = _OMITTED,
         registry_partitions: int | None = None,
@@ -428,8 +445,11 @@ class InstanceManager:
                 raise errors[0]
             return
 
-    def stats(self, *, partition: Any = None) -> Stats:
-        """Live agents of one partition (``count``, ``keys``) and of the whole manager."""
+    async def stats(self, *, partition: Any = None) -> Stats:
+        """Live agents of one partition (``count``, ``keys``) and of the whole manager.
+
+        Awaited like every manager call, so that a runtime in other processes can serve it.
+        """
         reg = self._registry(self.partition if partition is None else partition, create=False)
         keys = [] if reg is None else [k for k, r in reg.items() if r._status is not STARTING]
         total = attached = 0
@@ -442,7 +462,7 @@ class InstanceManager:
             counters=dict(self._counters),
         )
 
-    def agents(self) -> list[AgentRef]:
+    async def agents(self) -> list[AgentRef]:
         """Every live agent of every partition (for dashboards and tools)."""
         return list(self._iter_refs())
 

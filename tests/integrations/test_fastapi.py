@@ -528,7 +528,7 @@ async def test_dashboard_shows_every_manager_partitions_and_key_types() -> None:
         async with first, second:
             await first.get(("user", 7), partition="tenant-a")
             await second.get(42)
-            snap = dashboard.snapshot()
+            snap = await dashboard.snapshot()
             one, two = snap["managers"]
             assert [one["name"], two["name"]] == [first.name, second.name]
             assert one["agents"][0]["key"] == "('user', 7)"

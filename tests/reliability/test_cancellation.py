@@ -91,7 +91,7 @@ async def test_get_cancelled_during_thaw(make_manager: Any) -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
         assert await m.lookup("k") is None
-        assert m.stats().total == 0
+        assert (await m.stats()).total == 0
         await assert_clean(m)
         assert await storage.inner.load(storage_key(m.name, None, "k")) == before
         storage.load_delay = 0
@@ -113,7 +113,7 @@ async def test_get_cancelled_during_thaw_hands_over_to_the_waiting_get(make_mana
         with pytest.raises(asyncio.CancelledError):
             await first
         await assert_clean(m)
-        assert m.stats().keys == ["k"]
+        assert (await m.stats()).keys == ["k"]
 
 
 async def test_get_cancelled_during_start(make_manager: Any) -> None:
@@ -287,7 +287,7 @@ async def test_close_cancelled_keeps_closing_and_saves_everything(make_manager: 
     assert not m.running
     await m.close()  # waits for the drain under way
     assert not m.running
-    assert m.stats().total == 0
+    assert (await m.stats()).total == 0
     for i in range(10):
         assert await stored_n(storage.inner, "closing", i) == 1
     storage.save_delay = 0

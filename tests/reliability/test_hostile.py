@@ -108,10 +108,10 @@ async def test_hostile_keys_round_trip_and_stay_inside_the_storage(
             for i, key in enumerate(HOSTILE_KEYS):
                 for _ in range(i % 3 + 1):
                     await m.call(key, "incr")
-            assert m.stats().count == len(HOSTILE_KEYS)
+            assert (await m.stats()).count == len(HOSTILE_KEYS)
             for key in HOSTILE_KEYS:
                 await m.stop(key)
-            assert m.stats().count == 0
+            assert (await m.stats()).count == 0
             for i, key in enumerate(HOSTILE_KEYS):
                 assert await m.call(key, "incr") == i % 3 + 2, key
         if backend == "file":
@@ -151,7 +151,7 @@ async def test_bad_keys_get_a_clear_error_and_register_nothing(
         for op in (m.get, m.lookup, m.stop):
             with pytest.raises(error, match=words):
                 await op(key)
-        assert m.stats().total == 0
+        assert (await m.stats()).total == 0
         assert await m.call("fine", "incr") == 1
 
 
@@ -179,7 +179,7 @@ def test_generated_keys_either_work_or_are_refused_clearly(key: Any) -> None:
         storage = keyhive.MemoryStorage()
         async with keyhive.InstanceManager("gen", Box, storage=storage) as m:
             assert await m.call(key, "incr") == 1
-            assert list(m.stats().keys) == [key]
+            assert list((await m.stats()).keys) == [key]
             await m.stop(key)
             assert await m.call(key, "incr") == 2
 
@@ -314,7 +314,7 @@ async def _thaw_corrupt(data: bytes) -> None:
         except keyhive.ThawError as exc:  # either outcome is allowed, so no pytest.raises
             assert exc.__cause__ is not None
             assert await m.lookup("k") is None
-            assert m.stats().total == 0
+            assert (await m.stats()).total == 0
             with pytest.raises(keyhive.ThawError):  # fails closed every time, never starts fresh
                 await m.call("k", "incr")
         else:
@@ -392,7 +392,7 @@ async def test_a_backend_returning_garbage_is_a_thaw_error(make_manager: Any, re
     async with make_manager(Box, storage=_OddStorage(result)) as m:
         with pytest.raises(keyhive.ThawError):
             await m.get("k")
-        assert m.stats().total == 0
+        assert (await m.stats()).total == 0
 
 
 # -- no pickle --------------------------------------------------------------------------------------------

@@ -538,7 +538,7 @@ class LifecycleMachine(RuleBasedStateMachine):
                 assert self._read_stored(key) == km.stored, (key, km)
         if self.closed:
             return
-        stats = self.mgr.stats()
+        stats = self.run(self.mgr.stats())
         live = {repr(k) for k, km in self.model.items() if km.live}
         assert {repr(k) for k in stats.keys} == live, (stats.keys, self.model)
         assert stats.count == len(live)

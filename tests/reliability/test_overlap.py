@@ -125,8 +125,8 @@ async def _scenario(steps: list[tuple[str, str, int, int]], delay: float) -> Non
         storage.save_delay = 0.0
         # nothing is attached any more: every agent must idle out on its own
         await asyncio.sleep(T + 3 * 4)
-        left = m.stats()
-        assert left.count == 0, (left.keys, [repr(r) for r in m.agents()], problems)
+        left = (await m.stats())
+        assert left.count == 0, (left.keys, [repr(r) for r in (await m.agents())], problems)
     unsubscribe()
     for key in KEYS:
         cp = await storage.inner.load(storage_key("overlap", None, key))

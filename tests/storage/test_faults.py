@@ -63,12 +63,12 @@ async def test_redis_down_while_agents_idle_out(own_redis: servers.Server) -> No
         servers.stop(own_redis.process)
         await events.wait_for("hibernate_failed", timeout=5)
         await asyncio.sleep(0.3)
-        assert manager.stats().count == 200  # nobody dropped
+        assert (await manager.stats()).count == 200  # nobody dropped
         failures = sum(1 for e in events.events if e.kind == "hibernate_failed")
         assert failures >= 200
         own_redis.process = servers.start_redis(own_redis.port, own_redis.data_dir)
         await asyncio.wait_for(all_stopped.wait(), 10)
-        assert manager.stats().count == 0
+        assert (await manager.stats()).count == 0
         for i in range(0, 200, 17):
             assert await manager.call(i, "get") == 2  # thawed from what was saved
     await storage.aclose()

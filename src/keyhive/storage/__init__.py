@@ -19,19 +19,34 @@ import importlib
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ._base import BatchStorage, Checkpoint, ListableStorage, SaveItem, Storage, StoredKey
+from ._base import (
+    BatchStorage,
+    Checkpoint,
+    Fence,
+    Lease,
+    LeaseStorage,
+    ListableStorage,
+    SaveItem,
+    Storage,
+    StoredKey,
+    TimerIndexStorage,
+)
 from .file import FileStorage
 from .memory import MemoryStorage
 
 __all__ = [
     "BatchStorage",
     "Checkpoint",
+    "Fence",
     "FileStorage",
+    "Lease",
+    "LeaseStorage",
     "ListableStorage",
     "MemoryStorage",
     "SaveItem",
     "Storage",
     "StoredKey",
+    "TimerIndexStorage",
     "default_storage",
     "from_url",
     "is_storage",

@@ -145,15 +145,15 @@ class Dashboard:
             self._refs[ident] = ref
         return ident
 
-    def snapshot(self) -> dict[str, Any]:
+    async def snapshot(self) -> dict[str, Any]:
         """Everything the page shows, as JSON-ready data; times are seconds relative to now."""
         now = asyncio.get_running_loop().time()
         current = int(now // self._bucket)
         managers = []
         for manager in self.managers:
-            stats = manager.stats()
+            stats = await manager.stats()
             timeout = manager.idle_timeout
-            refs = manager.agents()
+            refs = await manager.agents()
             agents = []
             for ref in itertools.islice(refs, self._max_agents):
                 deadline = ref.idle_deadline
@@ -206,7 +206,7 @@ class Dashboard:
         return HTMLResponse(self._index, headers={"Cache-Control": "no-store"})
 
     async def _snapshot_json(self, request: Request) -> Response:
-        return JSONResponse(self.snapshot(), headers={"Cache-Control": "no-store"})
+        return JSONResponse(await self.snapshot(), headers={"Cache-Control": "no-store"})
 
     async def _stop(self, request: Request) -> Response:
         if not self.allow_stop:
@@ -248,7 +248,7 @@ class Dashboard:
         try:
             while True:
                 dirty.clear()
-                await websocket.send_json(self.snapshot())
+                await websocket.send_json(await self.snapshot())
                 waiter = asyncio.ensure_future(dirty.wait())
                 done, _ = await asyncio.wait({receiver, waiter}, timeout=2.0,
                                              return_when=asyncio.FIRST_COMPLETED)
