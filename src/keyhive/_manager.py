@@ -110,7 +110,9 @@ class InstanceManager:
             )
         sub = manager_type()
         if not (isinstance(sub, type) and issubclass(sub, cls)):
-            raise TypeError(f"{type(runtime).__name__}.manager_type() must return an InstanceManager subclass")
+            raise TypeError(
+                f"{type(runtime).__name__}.manager_type() must return an InstanceManager subclass"
+            )
         return super().__new__(sub)
 
     def __init__(
