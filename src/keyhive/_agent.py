@@ -28,6 +28,13 @@ class Agent:
     state_version: ClassVar[int] = 1
     """Version written with every checkpoint; older checkpoints go through ``migrate``."""
 
+    allow_dropped_fields: ClassVar[bool] = False
+    """When True, a thawed state may have stored fields that ``state_type`` drops.
+
+    By default such a thaw is refused (``ThawError``): a field renamed without a
+    ``state_version`` bump would otherwise thaw as its default, losing the stored value.
+    """
+
     state: Any
     _ref: AgentRef
 

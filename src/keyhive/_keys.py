@@ -34,13 +34,22 @@ MAX_KEY_DEPTH = 16
 # check_key, which also refuses lone surrogates (not valid UTF-8).
 SAFE_STR_LEN = (MAX_KEY_BYTES - 2) // 6
 
+# An int below 2**3398 (about 10**1022.9) has at most 1023 digits: with a sign, 1024 bytes.
+# Longer ones are measured (_check_int) without converting a huge int to str first.
+_INT_SAFE_BITS = 3398
+_LOG10_2 = 0.30102999566398120
+
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _json_str = json.encoder.encode_basestring  # how _dumps writes a str (ensure_ascii=False)
 
 
 def _tagged(key: object, depth: int, what: str) -> Any:
     kind = type(key)
-    if kind is str or kind is int:
+    if kind is str:
+        return key
+    if kind is int:
+        if key.bit_length() > _INT_SAFE_BITS:  # type: ignore[attr-defined]
+            _check_int(key, what)  # type: ignore[arg-type]
         return key
     if kind is bytes:
         return {"b": base64.b64encode(key).decode("ascii")}  # type: ignore[arg-type]
@@ -57,6 +66,24 @@ def _tagged(key: object, depth: int, what: str) -> Any:
     )
 
 
+def _too_long(what: str, size: int, at_least: bool = False) -> ValueError:
+    return ValueError(
+        f"{what} encodes to {'at least ' if at_least else ''}{size} bytes; the limit is {MAX_KEY_BYTES}: "
+        f"use a shorter {what} (for example a hash of it)"
+    )
+
+
+def _check_int(key: int, what: str) -> None:
+    """Refuse an int whose decimal form is over the limit, bounding it by its bit length first."""
+    # 2**(bits - 1) <= |key|: at least floor((bits - 1) * log10(2)) + 1 digits
+    at_least = int((key.bit_length() - 1) * _LOG10_2) + 1 + (key < 0)
+    if at_least > MAX_KEY_BYTES:
+        raise _too_long(what, at_least, at_least=True)  # str() would be slow, or refused past 4300 digits
+    size = len(str(key))
+    if size > MAX_KEY_BYTES:
+        raise _too_long(what, size)
+
+
 def is_plain_key(key: object) -> bool:
     """A short ASCII str: valid as it is (valid UTF-8, cannot encode past the limit).
 
@@ -70,15 +97,16 @@ def check_key(key: object, what: str = "key") -> Any:
 
     Raises:
         TypeError: the key (or something nested in it) has an unsupported type.
-        ValueError: the encoded key is over 1024 bytes, or nests too deep.
+        ValueError: the encoded key is over 1024 bytes (an int of more than 1024 digits, also
+            inside a tuple), or nests too deep.
     """
     if is_plain_key(key):
         return key  # the hot case: skip the JSON
-    tagged = _tagged(key, 0, what)
+    tagged = _tagged(key, 0, what)  # checks the length of ints, inside tuples too
     if type(key) is not int:
         size = len(_dumps(tagged).encode())
         if size > MAX_KEY_BYTES:
-            raise ValueError(f"{what} encodes to {size} bytes; the limit is {MAX_KEY_BYTES}")
+            raise _too_long(what, size)
     return tagged
 
 
@@ -87,7 +115,7 @@ def storage_key(manager: str, partition: object, key: object) -> str:
     if partition is None:  # the hot cases, spelled out: the same text as below
         if type(key) is str:
             return f"[{_json_str(manager)},null,{_json_str(key)}]"
-        if type(key) is int:
+        if type(key) is int and key.bit_length() <= _INT_SAFE_BITS:
             return f"[{_json_str(manager)},null,{key}]"
     part = None if partition is None else _tagged(partition, 0, "partition")
     return _dumps([manager, part, _tagged(key, 0, "key")])

@@ -578,7 +578,7 @@ class InstanceManager:
             self._emit(EventKind.THAW_FAILED, ref, error=exc)
 
     def _decode(self, agent: Agent, data: bytes) -> Any:
-        version, payload = unpack(data)
+        version, payload = unpack(data)[:2]  # the Envelope's writer, seq and meta: not used here yet
         current = type(agent).state_version
         if version > current:
             raise ThawError(

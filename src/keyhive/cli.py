@@ -155,7 +155,7 @@ def show(url: str = URL, manager: str = MANAGER, key: str = KEY, partition: str 
     if checkpoint is None:
         raise _fail(f"no checkpoint for key {key!r} of manager {manager!r}")
     try:
-        state_version, payload = unpack(checkpoint.data)
+        state_version, payload = unpack(checkpoint.data)[:2]
         state = json.loads(payload)
     except Exception as exc:
         raise _fail(f"checkpoint version {checkpoint.version} cannot be decoded: {exc}") from None

@@ -522,7 +522,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         cp = self.run(self.inner.load(storage_key(NAME, None, key)))
         if cp is None:
             return None
-        _, payload = unpack(cp.data)
+        payload = unpack(cp.data).payload
         import orjson
 
         n: int = orjson.loads(payload)["n"]

@@ -144,7 +144,7 @@ async def test_kill_9_during_a_sqlite_hibernate_storm_corrupts_nothing(tmp_path:
         for i in range(500):
             checkpoint = await storage.load(f"k{i}")
             assert checkpoint is not None
-            _, payload = unpack(checkpoint.data)  # raises on a torn or corrupt write
+            payload = unpack(checkpoint.data).payload  # raises on a torn or corrupt write
             round_ = int(payload.split(b",")[0].split(b":")[1])
             assert checkpoint.version == round_  # the version and the data belong together
             seen_rounds.add(round_)
