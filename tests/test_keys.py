@@ -66,3 +66,44 @@ def test_decode_rejects_foreign_keys() -> None:
     for bad in ["plain", "[1,2,3]", "{}", '["m",null]']:
         with pytest.raises(ValueError):
             decode_storage_key(bad)
+
+
+def _digits(n: int) -> int:
+    """The smallest positive int with n decimal digits."""
+    return 10 ** (n - 1)
+
+
+@pytest.mark.parametrize("where", ["key", "in a tuple", "partition", "partition tuple"])
+def test_int_keys_and_partitions_at_and_over_the_limit(where: str) -> None:
+    """An int of 1024 digits is a key; 1025 digits, 9**1200 or 10**5000 raise the same ValueError as other long keys."""
+    def wrap(n: int) -> object:
+        return (n,) if "tuple" in where else n
+
+    at_limit = [_digits(1024), -_digits(1023), 2**3398 - 1]
+    over = [_digits(1025), -_digits(1024), 9**1200, 10**5000, -(10**100_000)]
+    if "tuple" in where:  # the brackets take 2 of the 1024 bytes
+        at_limit, over = [_digits(1022)], [_digits(1023), *over]
+    what = "partition" if where.startswith("partition") else "key"
+    for n in at_limit:
+        assert check_key(wrap(n), what) == ([n] if "tuple" in where else n)
+        if what == "key":
+            assert decode_storage_key(storage_key("m", None, wrap(n)))[2] == wrap(n)
+        else:
+            assert decode_storage_key(storage_key("m", wrap(n), "k"))[1] == wrap(n)
+    for n in over:
+        with pytest.raises(ValueError, match=f"{what} encodes to .*bytes; the limit is 1024"):
+            check_key(wrap(n), what)
+        if n == _digits(1023):
+            continue  # storage_key measures ints only; the whole key is check_key's (run first by get)
+        args = ("m", None, wrap(n)) if what == "key" else ("m", wrap(n), "k")
+        with pytest.raises(ValueError, match="the limit is 1024"):
+            storage_key(*args)
+
+
+def test_long_int_check_is_cheap() -> None:
+    """A key of a million digits is refused from its bit length, without converting it to str."""
+    huge = 1 << 3_400_000  # about 1,023,000 digits: str() would take seconds, if allowed at all
+    with pytest.raises(ValueError, match="at least 1023"):
+        check_key(huge)
+    with pytest.raises(ValueError, match="the limit is 1024"):
+        storage_key("m", None, huge)
