@@ -240,7 +240,8 @@ def _check_object(raw: bytes, value: Any, shape: _Shape, path: str, out: list[st
     except _NOT_THAT_SHAPE:
         return  # not a JSON object: the decoder read it some other way, nothing to compare
     names = shape.names
-    out.extend(_field_path(path, key) for key in stored if key not in names)
+    if not stored.keys() <= names:  # a set comparison in C: the usual case costs no Python loop
+        out.extend(_field_path(path, key) for key in stored if key not in names)
     for key, attr in shape.nested:
         child_raw = stored.get(key)
         if child_raw is not None:
