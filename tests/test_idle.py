@@ -162,6 +162,8 @@ async def test_many_agents_idle_out_together_in_batches(make_manager: Any) -> No
     storage = FaultyStorage()
     async with make_manager(idle_timeout=TIMEOUT, storage=storage, hibernate_batch=256) as m:
         refs = [await m.get(i) for i in range(2000)]
+        for r in refs:
+            await r.call("incr")  # changed: each has a checkpoint to write
         await asyncio.gather(*(r.wait_stopped() for r in refs))
         assert storage.saves == 2000
         assert storage.save_batches <= 2000 // 256 + 2
@@ -175,7 +177,7 @@ async def test_get_while_hibernating_waits_and_thaws_the_new_state(make_manager:
         events = EventRecorder(m)
         ref = await m.get("k")
         await ref.call("incr")
-        storage.save_delay = 30
+        storage.save_delay = 20  # slow, and within storage_timeout
         await events.wait_for("idle", "k")
         await asyncio.sleep(1)
         assert await m.lookup("k") == ref  # still registered while the write runs
@@ -214,6 +216,7 @@ async def test_attach_during_retry_backoff_cancels_the_retry(make_manager: Any) 
     async with make_manager(idle_timeout=TIMEOUT, storage=storage, retry_backoff=(1, 8)) as m:
         events = EventRecorder(m)
         ref = await m.get("k")
+        await ref.call("incr")
         storage.fail_save = 1
         await events.wait_for("hibernate_failed", "k")
         await ref.attach("o")

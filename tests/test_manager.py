@@ -385,6 +385,7 @@ async def test_events_report_the_lifecycle(make_manager: Any) -> None:
         recorder = EventRecorder(m)
         ref = await m.get("k", partition="p")
         await ref.attach("owner")
+        await ref.call("incr")  # a changed state: the stop writes it, the next get thaws it
         await ref.detach("owner")
         await m.stop("k", partition="p")
         await m.get("k", partition="p")

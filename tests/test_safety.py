@@ -149,12 +149,13 @@ async def test_user_backend_exceptions_become_storage_errors(make_manager: Any) 
             return None
 
     async with make_manager(storage=Broken(), close_timeout=0.1) as m:
-        await m.get("k")
+        await m.call("k", "incr")
         with pytest.raises(keyhive.StorageError) as info:
             await m.stop("k")
         assert isinstance(info.value.__cause__, KeyError)
         ref = await m.get("k")
         ref2 = await m.get("k2")
+        await ref2.call("incr")
         with pytest.raises(keyhive.UnsavedAgentsError):
             await m.close()
         assert {ref.stop_reason, ref2.stop_reason} == {keyhive.StopReason.UNSAVED}

@@ -1,4 +1,4 @@
-"""The Agent base class: state, ``handle``, and the lifecycle hooks."""
+"""The Agent base class: state, ``handle``, the lifecycle hooks, and what a turn may do."""
 
 from __future__ import annotations
 
@@ -19,8 +19,13 @@ class Agent:
     The manager creates one instance per incarnation. ``key``, ``partition``,
     ``manager`` and ``opts`` are set before any hook runs. Messages are handled one at
     a time, in arrival order; ``handle`` runs in the task of the caller that sent the
-    message (a ``call``) or in a task of the manager's (a ``cast``).
+    message (a ``call``) or in a task of the manager's (a ``cast``, or a call whose
+    handler suspended: the turn runs to completion even when its caller stops waiting).
     """
+
+    # state and the ref in slots, a __dict__ only for what a subclass adds: a plain agent
+    # costs 64 bytes, not a dict of its own
+    __slots__ = ("__dict__", "_ref", "state")
 
     state_type: ClassVar[type[Any] | None] = None
     """When set, fresh states are ``state_type(**params)`` and thawed ones decode into it."""
@@ -35,8 +40,9 @@ class Agent:
     ``state_version`` bump would otherwise thaw as its default, losing the stored value.
     """
 
-    state: Any
-    _ref: AgentRef
+    if TYPE_CHECKING:
+        state: Any
+        _ref: AgentRef
 
     @property
     def key(self) -> Any:
@@ -51,12 +57,12 @@ class Agent:
     @property
     def manager(self) -> str:
         """The name of the manager running this agent."""
-        return self._ref._mgr.name
+        return self._ref._host.name
 
     @property
     def opts(self) -> Mapping[str, Any]:
         """The manager's ``agent_opts`` (read-only)."""
-        return self._ref._mgr.agent_opts
+        return self._ref._host.agent_opts
 
     def initial_state(self, params: dict[str, Any]) -> Any:
         """The state of a fresh agent, from ``get(..., initial_state=params)``."""
@@ -90,3 +96,28 @@ class Agent:
     def stop(self, reason: StopReason | str = StopReason.NORMAL) -> None:
         """Stop this agent after the current message: hibernate (storage on), then stop."""
         self._ref._request_stop(StopReason(reason))
+
+    def publish(self, event: Any) -> None:
+        """Deliver ``event`` to every subscriber of this incarnation, in publish order.
+
+        A plain call inside a turn: it never waits. A subscriber that fell more than
+        ``subscriber_buffer`` events behind is dropped (its iteration raises
+        ``SubscriberOverflow``).
+        """
+        from ._pubsub import publish
+
+        publish(self._ref, event)
+
+    async def checkpoint(self) -> None:
+        """Write the state to storage now, whatever the ``checkpoint`` policy.
+
+        Nothing is written when the state is what was last written.
+
+        Raises:
+            StorageError, ConflictError: the write failed; the state stays in memory.
+            CodecError: the state cannot be encoded.
+        """
+        from ._commit import checkpoint_now
+
+        ref = self._ref
+        await checkpoint_now(ref._host, ref)  # type: ignore[arg-type]

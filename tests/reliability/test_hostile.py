@@ -334,10 +334,9 @@ async def _thaw_corrupt(data: bytes) -> None:
 
 async def _drop(m: keyhive.InstanceManager, key: Any) -> None:
     """Forget a live agent without saving (test-only), so close leaves its bytes alone."""
-    reg = m._regs[None]
+    reg = m._core.regs[None]
     ref = reg.pop(key)
-    ref._status = 3  # STOPPED
-    ref._stop_reason = keyhive.StopReason.STOPPED
+    ref.finished(keyhive.StopReason.STOPPED)
 
 
 @settings(max_examples=scaled(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -165,7 +165,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         m = self.mgr
         if m is None:
             return False
-        return m._reaper is not None or m._closer is not None or any(not t.done() for t in m._tasks)
+        return m._core.reaper.task is not None or m._closer is not None or any(not t.done() for t in m._core.tasks)
 
     async def _settle(self) -> None:
         quiet = 0

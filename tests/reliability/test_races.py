@@ -189,4 +189,4 @@ async def test_an_idle_stop_waiting_for_a_busy_agent_leaves_it_to_close(
         assert await call == 1
         await closing
     assert ref.stop_reason is keyhive.StopReason.SHUTDOWN
-    assert not m._wheel._handles, m._wheel._handles
+    assert not m._core.wheel._handles, m._core.wheel._handles

@@ -1,0 +1,298 @@
+"""One agent's storage I/O: storage key, encode, envelope, size limit, thaw, migrate, writes.
+
+Everything that turns an incarnation's state into a stored checkpoint and back lives
+here, with the error mapping of SPEC §7 (whatever a backend raises, except a
+:class:`~keyhive.ConflictError`, reaches callers as :class:`~keyhive.StorageError`) and
+the bound of SPEC §8 (``storage_timeout``).
+
+Writes go through :meth:`CheckpointIO.save_batch`: a backend's ``save_many`` when it has
+one that does not bypass an overridden ``save`` (SPEC §7), else ``save`` per item. Each
+checkpoint names its writer (this manager instance) and a sequence number in its
+envelope, so that after a lost reply an incarnation recognises its own write by
+identity, never by comparing bytes (SPEC §9).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import logging
+import secrets
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ._errors import CodecError, ConflictError, LeaseLost, StorageError, ThawError
+from ._keys import storage_key
+from .codecs import decode_state, pack, peek_writer, unpack
+from .storage import Fence, SaveItem
+
+if TYPE_CHECKING:
+    from ._agent import Agent
+    from ._options import Options
+    from ._ref import AgentRef
+
+__all__ = ["CheckpointIO", "digest", "storage_error"]
+
+logger = logging.getLogger("keyhive")
+
+_UNSURE_MAX = 64  # a bound for an agent whose writes fail for a very long time
+_FALLBACK_CHUNK = 64  # per-item saves in flight at once when there is no usable save_many
+
+
+def digest(payload: bytes) -> bytes:
+    """What an incarnation remembers of the state it last wrote or thawed."""
+    return hashlib.blake2b(payload, digest_size=16).digest()
+
+
+def storage_error(exc: BaseException) -> BaseException:
+    """``exc`` as the manager reports it: a StorageError with the original as cause."""
+    if isinstance(exc, StorageError) or not isinstance(exc, Exception):
+        return exc
+    if isinstance(exc, TimeoutError):
+        err = StorageError(f"storage did not answer in time: {exc}")
+    else:
+        err = StorageError(f"storage failed: {exc!r}")
+    err.__cause__ = exc
+    return err
+
+
+def _defined_below(storage: object, batch: str, single: str) -> bool:
+    """Whether ``storage.<batch>`` can stand in for ``<single>``: no class between the
+    object and the one defining ``batch`` overrides ``single`` (nor does the instance)."""
+    if single in getattr(storage, "__dict__", ()):
+        return False
+    for klass in type(storage).__mro__:
+        attrs = vars(klass)
+        if batch in attrs:
+            return True
+        if single in attrs:
+            return False
+    return False
+
+
+def _accepts(method: Any, name: str) -> bool:
+    try:
+        params = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+class CheckpointIO:
+    """The storage I/O of one manager's agents (one object per manager)."""
+
+    def __init__(self, name: str, storage: Any, options: Options) -> None:
+        self.name = name
+        self.storage = storage
+        self._codec = options.codec
+        self._limit = options.max_state_bytes
+        self._timeout = options.storage_timeout
+        self.writer = secrets.token_hex(8)  # this manager instance, in every envelope it writes
+        self._seq = 0
+        self.fence: Fence | None = None  # set while a lease is held (see _lease.py)
+        if storage is None:
+            self._batch: Any = None
+            self._fenced = self._timed = False
+        else:
+            save_many = getattr(storage, "save_many", None)
+            self._batch = save_many if callable(save_many) and _defined_below(
+                storage, "save_many", "save") else None
+            self._fenced = _accepts(storage.save, "fence") and (
+                self._batch is None or _accepts(self._batch, "fence"))
+            self._timed = callable(getattr(storage, "due_keys", None)) and _accepts(storage.save, "due")
+
+    @property
+    def fenced(self) -> bool:
+        """Whether the backend takes ``fence=`` (it implements leases)."""
+        return self._fenced
+
+    def key(self, ref: AgentRef) -> str:
+        """The storage key of ``ref``'s checkpoint."""
+        return storage_key(self.name, ref._partition, ref._key)  # noqa: SLF001  # the ref's own identity
+
+    # -- state <-> bytes ------------------------------------------------------------------------
+
+    def encode_payload(self, agent: Agent) -> bytes:
+        """The codec's bytes for ``agent.state`` (CodecError when it cannot be encoded)."""
+        return self._codec.encode(agent.state)
+
+    def envelope(self, agent: Agent, payload: bytes, meta: bytes = b"") -> tuple[bytes, int]:
+        """``(checkpoint bytes, seq)``: the payload in an envelope naming this writer.
+
+        Raises:
+            CodecError: the checkpoint is over ``max_state_bytes``.
+        """
+        self._seq += 1
+        seq = self._seq
+        data = pack(type(agent).state_version, payload, writer=self.writer, seq=seq, meta=meta)
+        limit = self._limit
+        if limit is not None and len(data) > limit:
+            raise CodecError(f"state encodes to {len(data)} bytes, over max_state_bytes={limit}")
+        return data, seq
+
+    def decode(self, agent: Agent, data: bytes) -> tuple[Any, bytes, bytes]:
+        """``(state, payload, meta)`` of a checkpoint, migrated to the agent's state_version.
+
+        Raises:
+            ThawError: written by a newer state_version.
+            CodecError: corrupt, truncated, or not decodable into ``state_type``.
+        """
+        env = unpack(data)
+        cls = type(agent)
+        current = cls.state_version
+        if env.state_version > current:
+            raise ThawError(
+                f"checkpoint was written by state_version {env.state_version}, newer than this "
+                f"code's {current}"
+            )
+        codec, state_type, loose = self._codec, cls.state_type, cls.allow_dropped_fields
+        if env.state_version == current:
+            return decode_state(codec, env.payload, state_type, loose), env.payload, env.meta
+        migrated = agent.migrate(codec.decode(env.payload), env.state_version)
+        if state_type is not None:
+            migrated = decode_state(codec, codec.encode(migrated), state_type, loose)
+        return migrated, env.payload, env.meta
+
+    # -- thaw -----------------------------------------------------------------------------------
+
+    async def load(self, skey: str) -> Any:
+        """``storage.load(skey)`` within ``storage_timeout``."""
+        if self._timeout is None:
+            return await self.storage.load(skey)
+        async with asyncio.timeout(self._timeout):
+            return await self.storage.load(skey)
+
+    async def thaw(self, ref: AgentRef, agent: Agent) -> tuple[bool, bytes]:
+        """Put the checkpointed state into ``agent``: ``(thawed, meta)``; False when none.
+
+        Raises:
+            ThawError: a checkpoint exists but cannot be restored (or storage failed);
+                nothing was changed in storage.
+        """
+        try:
+            checkpoint = await self.load(self.key(ref))
+        except Exception as exc:
+            raise ThawError(
+                f"{self.name}: could not load the checkpoint of key {ref.key!r}: {exc!r}"
+            ) from exc
+        if checkpoint is None:
+            return False, b""
+        try:
+            version = checkpoint.version
+            if type(version) is not int:
+                raise StorageError(f"storage returned version {version!r}, not an int")
+            state, payload, meta = self.decode(agent, checkpoint.data)
+        except Exception as exc:
+            raise ThawError(
+                f"{self.name}: the checkpoint of key {ref.key!r} cannot be restored "
+                f"(left as it is): {exc}"
+            ) from exc
+        agent.state = state
+        ref._version = version  # noqa: SLF001  # the ref's checkpoint slots belong to this module
+        ref._rare().digest = digest(payload)  # noqa: SLF001
+        return True, meta
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    async def save_batch(self, items: Sequence[SaveItem], due: Sequence[float | None] | None = None,
+                         *, timeout: float | None = None) -> list[int | BaseException]:
+        """Write ``items`` (one compare-and-set each); one result per item, errors mapped.
+
+        ``timeout`` (seconds) bounds the whole batch further than ``storage_timeout``
+        (close's deadline). A fence refusal fails every item with LeaseLost.
+        """
+        limit = self._timeout if timeout is None else (
+            timeout if self._timeout is None else min(timeout, self._timeout))
+        try:
+            if limit is None:
+                results = await self._save(items, due)
+            else:
+                async with asyncio.timeout(max(limit, 0.0)):
+                    results = await self._save(items, due)
+            if len(results) != len(items):
+                raise StorageError(f"save_many returned {len(results)} results for {len(items)} items")
+        except LeaseLost as exc:
+            results = [exc] * len(items)
+        except Exception as exc:
+            results = [storage_error(exc)] * len(items)
+        return [storage_error(r) if isinstance(r, BaseException) else r for r in results]
+
+    async def _save(self, items: Sequence[SaveItem],
+                    due: Sequence[float | None] | None) -> list[int | BaseException]:
+        storage, kwargs = self.storage, self._write_kwargs(due)
+        batch = self._batch
+        if batch is not None:
+            if kwargs:
+                return list(await batch(items, **kwargs))
+            return list(await batch(items))
+        if len(items) == 1:
+            item = items[0]
+            one = {} if not kwargs else {**kwargs, "due": due[0]} if due is not None else kwargs
+            return [await storage.save(item.key, item.data, expected_version=item.expected_version, **one)]
+        results: list[int | BaseException] = []
+        for start in range(0, len(items), _FALLBACK_CHUNK):
+            chunk = items[start:start + _FALLBACK_CHUNK]
+            calls = []
+            for i, it in enumerate(chunk):
+                one = kwargs if due is None else {**kwargs, "due": due[start + i]}
+                calls.append(storage.save(it.key, it.data, expected_version=it.expected_version, **one))
+            results.extend(await asyncio.gather(*calls, return_exceptions=True))
+        lost = next((r for r in results if isinstance(r, LeaseLost)), None)
+        if lost is not None:
+            raise lost
+        return results
+
+    def _write_kwargs(self, due: Sequence[float | None] | None) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
+        if self._fenced and self.fence is not None:
+            kwargs["fence"] = self.fence
+        if due is not None and self._timed and self._batch is not None:
+            kwargs["due"] = due
+        return kwargs
+
+    @property
+    def keeps_timers(self) -> bool:
+        """Whether the backend has a due-time index (``due=`` on writes, ``due_keys``)."""
+        return self._timed
+
+    # -- lost replies ---------------------------------------------------------------------------
+
+    @staticmethod
+    def remember_unsure(ref: AgentRef, seq: int) -> None:
+        """Write ``seq`` failed without a conflict: it may have landed with its reply lost."""
+        x = ref._rare()  # noqa: SLF001
+        unsure = x.unsure
+        if unsure is None:
+            unsure = x.unsure = set()
+        if len(unsure) < _UNSURE_MAX:
+            unsure.add(seq)
+
+    async def resave_after_lost_reply(self, ref: AgentRef, item: SaveItem,
+                                      conflict: ConflictError) -> int | BaseException:
+        """A conflict after a failed write: was the stored checkpoint ours, its reply lost?
+
+        It is ours only when its envelope names this writer and one of our unsure
+        sequence numbers; then adopt its version and write ``item`` again on top of it.
+        Anything else is another incarnation's write, and the conflict stands.
+        """
+        x = ref._x  # noqa: SLF001
+        if isinstance(conflict, LeaseLost) or x is None or not x.unsure:
+            return conflict
+        try:
+            checkpoint = await self.load(item.key)
+        except Exception as exc:
+            return storage_error(exc)
+        if checkpoint is None or type(checkpoint.version) is not int:
+            return conflict
+        try:
+            ident = peek_writer(checkpoint.data)
+        except CodecError:
+            return conflict
+        if ident is None or ident[0] != self.writer or ident[1] not in x.unsure:
+            return conflict
+        logger.info("keyhive: %s: key %r: an earlier write had landed (its reply was lost); "
+                    "writing again on top of it", self.name, ref.key)
+        ref._version = checkpoint.version  # noqa: SLF001
+        x.unsure = None  # older than the adopted version now
+        return (await self.save_batch([SaveItem(item.key, item.data, checkpoint.version)]))[0]
