@@ -69,6 +69,8 @@ class StormAgent(keyhive.Agent):
     """An agent whose state is about 500 bytes of JSON."""
 
     async def handle(self, message: Any) -> Any:
+        if message == "touch":  # a change, so that the hibernate has something to write
+            self.state["n"] = self.state.get("n", 0) + 1
         return self.state.get("i")
 
 
@@ -163,6 +165,7 @@ async def s1_keyhive(make: Callable[[], Any], name: str, n: int) -> float:
             for i in range(n):  # attached, so none idles out while the others start
                 ref = await manager.get(i, initial_state={**STATE, "i": i})
                 await ref.attach(owner)
+                await ref.call("touch")
                 refs.append(ref)
             manager.subscribe(on_event)
             gc.collect()

@@ -109,7 +109,7 @@ class CheckpointIO:
 
     def key(self, ref: AgentRef) -> str:
         """The storage key of ``ref``'s checkpoint."""
-        return storage_key(self.name, ref._partition, ref._key)  # noqa: SLF001  # the ref's own identity
+        return storage_key(self.name, ref._partition, ref._key)  # the ref's own identity
 
     # -- state <-> bytes ------------------------------------------------------------------------
 
@@ -189,8 +189,8 @@ class CheckpointIO:
                 f"(left as it is): {exc}"
             ) from exc
         agent.state = state
-        ref._version = version  # noqa: SLF001  # the ref's checkpoint slots belong to this module
-        ref._rare().digest = digest(payload)  # noqa: SLF001
+        ref._version = version  # the ref's checkpoint slots belong to this module
+        ref._rare().digest = digest(payload)
         return True, meta
 
     # -- writes ---------------------------------------------------------------------------------
@@ -214,7 +214,7 @@ class CheckpointIO:
                 raise StorageError(f"save_many returned {len(results)} results for {len(items)} items")
         except LeaseLost as exc:
             results = [exc] * len(items)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  # a backend may raise anything: mapped to StorageError per item (SPEC §7)
             results = [storage_error(exc)] * len(items)
         return [storage_error(r) if isinstance(r, BaseException) else r for r in results]
 
@@ -261,7 +261,7 @@ class CheckpointIO:
     @staticmethod
     def remember_unsure(ref: AgentRef, seq: int) -> None:
         """Write ``seq`` failed without a conflict: it may have landed with its reply lost."""
-        x = ref._rare()  # noqa: SLF001
+        x = ref._rare()
         unsure = x.unsure
         if unsure is None:
             unsure = x.unsure = set()
@@ -276,12 +276,12 @@ class CheckpointIO:
         sequence numbers; then adopt its version and write ``item`` again on top of it.
         Anything else is another incarnation's write, and the conflict stands.
         """
-        x = ref._x  # noqa: SLF001
+        x = ref._x
         if isinstance(conflict, LeaseLost) or x is None or not x.unsure:
             return conflict
         try:
             checkpoint = await self.load(item.key)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  # a backend may raise anything: the conflict check fails as StorageError
             return storage_error(exc)
         if checkpoint is None or type(checkpoint.version) is not int:
             return conflict
@@ -293,6 +293,6 @@ class CheckpointIO:
             return conflict
         logger.info("keyhive: %s: key %r: an earlier write had landed (its reply was lost); "
                     "writing again on top of it", self.name, ref.key)
-        ref._version = checkpoint.version  # noqa: SLF001
+        ref._version = checkpoint.version
         x.unsure = None  # older than the adopted version now
         return (await self.save_batch([SaveItem(item.key, item.data, checkpoint.version)]))[0]

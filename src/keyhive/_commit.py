@@ -98,7 +98,7 @@ class Committer:
                 return fut
             p.data, p.seq = io.envelope(agent, payload)
             p.digest = d
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  # the encode failure is the caller's answer (CodecError, size limit)
             fut = loop.create_future()
             fut.set_exception(exc)
             return fut

@@ -113,4 +113,4 @@ class Core:
 
     def live_refs(self) -> list[AgentRef]:
         """Every incarnation that has started (running or stopping), of every partition."""
-        return [ref for reg in self.regs.values() for ref in reg.values() if ref._status is not STARTING]  # noqa: SLF001  # status is read by every part
+        return [ref for reg in self.regs.values() for ref in reg.values() if ref._status is not STARTING]

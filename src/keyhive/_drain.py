@@ -112,14 +112,14 @@ async def _take(ref: AgentRef, deadline: float) -> bool:
         try:
             async with asyncio.timeout(max(0.0, deadline - loop.time())):
                 await ref._changed()
-        except (TimeoutError, Exception):
+        except (TimeoutError, Exception):  # noqa: BLE001  # a failed start or the deadline: either way not taken this round
             return False
     if ref._status is STOPPED:
         return False
     try:
         async with asyncio.timeout(max(0.0, deadline - loop.time())):
             await ref._acquire()
-    except (TimeoutError, Exception):
+    except (TimeoutError, Exception):  # noqa: BLE001  # stopped meanwhile or the deadline: either way not taken this round
         return False
     if ref._status is not RUNNING:
         ref._release()

@@ -74,7 +74,7 @@ class Reaper:
         """The wheel found these agents past their idle deadline."""
         expiring = self.expiring
         for ref in refs:
-            if ref._status is RUNNING:  # noqa: SLF001  # status is read by every part
+            if ref._status is RUNNING:  # status is read by every part
                 expiring.append((ref, StopReason.IDLE_TIMEOUT, False))
         self.kick()
 
@@ -117,10 +117,10 @@ class Reaper:
                     if not held:
                         if not self._stop_wanted(ref, reason, now):
                             continue
-                        if ref._busy:  # noqa: SLF001  # the turn flag is shared by design
+                        if ref._busy:  # the turn flag is shared by design
                             core.spawn(self._stop_when_free(ref, reason))
                             continue
-                        ref._busy = True  # noqa: SLF001
+                        ref._busy = True
                         self._begin(ref, reason)
                     ready.setdefault(reason, []).append(ref)
                 for reason, refs in ready.items():
@@ -153,7 +153,7 @@ class Reaper:
     def _stop_wanted(self, ref: AgentRef, reason: StopReason, now: float) -> bool:
         """Whether a queued stop still applies: the agent runs and, for an idle stop, is due;
         an eviction only while nobody is attached."""
-        if ref._status is not RUNNING:  # noqa: SLF001
+        if ref._status is not RUNNING:
             return False
         if reason is StopReason.IDLE_TIMEOUT:
             return self._still_due(ref, now)
@@ -164,11 +164,11 @@ class Reaper:
     async def _stop_when_free(self, ref: AgentRef, reason: StopReason) -> None:
         """A queued stop found the agent mid-turn: wait for its turn, then stop it."""
         try:
-            await ref._acquire()  # noqa: SLF001
+            await ref._acquire()
         except AgentStopped:
             return
         if not self.core.is_open or not self._stop_wanted(ref, reason, self.core.wheel.now()):
-            ref._release()  # noqa: SLF001
+            ref._release()
             return
         self._begin(ref, reason)
         await self.hibernate([ref], reason)
@@ -197,37 +197,37 @@ class Reaper:
             index: list[int] = []
             seqs: list[int] = []
             digests: list[bytes] = []
-            pending = [ref._x.writing for ref in refs  # noqa: SLF001  # a live write in flight
-                       if ref._x is not None and ref._x.writing is not None]  # noqa: SLF001
+            pending = [ref._x.writing for ref in refs  # a live write in flight
+                       if ref._x is not None and ref._x.writing is not None]
             if pending:
                 await asyncio.wait(pending)
             for i, ref in enumerate(refs):
-                agent = ref._agent  # noqa: SLF001
+                agent = ref._agent
                 assert agent is not None
                 try:
                     if core.runs_on_hibernate:
-                        ref._dirty = True  # noqa: SLF001  # the hook may change the state
+                        ref._dirty = True  # the hook may change the state
                         await agent.on_hibernate()
-                    x = ref._x  # noqa: SLF001
+                    x = ref._x
                     queued = x is not None and x.commit is not None and x.commit.data is not None
-                    if not ref._dirty and not queued:  # noqa: SLF001  # no turn since the last write or thaw
+                    if not ref._dirty and not queued:  # no turn since the last write or thaw
                         continue
                     payload = io.encode_payload(agent)
                     d = digest(payload)
-                    if x is not None and x.digest == d and ref._version is not None:  # noqa: SLF001
-                        ref._dirty = False  # noqa: SLF001
+                    if x is not None and x.digest == d and ref._version is not None:
+                        ref._dirty = False
                         continue  # unchanged since it was written or thawed: keep the version
                     data, seq = io.envelope(agent, payload)
                 except BaseException as exc:
                     if not isinstance(exc, Exception) and _our_cancellation():
                         raise
-                    ref._dirty = True  # noqa: SLF001
+                    ref._dirty = True
                     errors[i] = exc if isinstance(exc, Exception) else storage_error(
                         RuntimeError(f"on_hibernate raised {exc!r}"))
                     if isinstance(exc, CodecError):
                         self._codec_failed(ref, exc)
                     continue
-                items.append(SaveItem(io.key(ref), data, ref._version))  # noqa: SLF001
+                items.append(SaveItem(io.key(ref), data, ref._version))
                 index.append(i)
                 seqs.append(seq)
                 digests.append(d)
@@ -240,11 +240,11 @@ class Reaper:
                         result = await io.resave_after_lost_reply(ref, item, result)
                     if not isinstance(result, BaseException):
                         ref.written(result, d)
-                        ref._dirty = False  # noqa: SLF001
+                        ref._dirty = False
                         continue
                     if not isinstance(result, ConflictError):
                         io.remember_unsure(ref, seq)
-                    ref._dirty = True  # noqa: SLF001
+                    ref._dirty = True
                     errors[i] = result
         for i, ref in enumerate(refs):
             error = errors[i]
@@ -256,7 +256,7 @@ class Reaper:
 
     def _codec_failed(self, ref: AgentRef, exc: CodecError) -> None:
         """The first encode failure of an incarnation is an ERROR with the key and a hint."""
-        x = ref._rare()  # noqa: SLF001
+        x = ref._rare()
         if x.codec_logged:
             return
         x.codec_logged = True
@@ -270,7 +270,7 @@ class Reaper:
         asked = ref.take_stop_request()
         if reason is StopReason.NORMAL and asked is not None:
             reason = asked  # a self-stop: the reason the agent gave
-        agent = ref._agent  # noqa: SLF001
+        agent = ref._agent
         if agent is not None and core.runs_on_stop:
             try:
                 await agent.on_stop(reason)
@@ -279,7 +279,7 @@ class Reaper:
                     raise
                 logger.exception("keyhive: %s: on_stop of key %r failed", core.name, ref.key)
         core.unregister(ref)
-        x = ref._x  # noqa: SLF001
+        x = ref._x
         if x is not None and x.commit is not None:
             commit_stopped(ref, saved)
         ref.stopped(reason)
@@ -312,7 +312,7 @@ class Reaper:
             await self.finish(ref, StopReason.CONFLICT, saved=False)
             return
         ref.stop_failed()
-        x = ref._rare()  # noqa: SLF001
+        x = ref._rare()
         x.failures += 1
         wheel = core.wheel
         deadline = ref.idle_deadline
@@ -334,7 +334,7 @@ class Reaper:
                 handle = asyncio.get_running_loop().call_later(delay, self._retry_self_stop, ref, asked)
                 self.retries.add(handle)
         if policy.release:
-            ref._release()  # noqa: SLF001
+            ref._release()
         ref.notify()
 
     def _retry_self_stop(self, ref: AgentRef, reason: StopReason) -> None:
@@ -343,12 +343,12 @@ class Reaper:
         self.retries = {h for h in self.retries if not h.cancelled() and h.when() > now}
         if not self.core.is_open:
             return
-        if ref._status is RUNNING:  # noqa: SLF001
+        if ref._status is RUNNING:
             ref.request_stop_now(reason)
-        elif ref._status is STOPPING and ref.stop_requested is None:  # noqa: SLF001
+        elif ref._status is STOPPING and ref.stop_requested is None:
             # Another hibernate (stop()) holds the turn: should it fail, the agent's own
             # stop is still pending and begins as that turn ends.
-            ref._rare().stop_req = reason  # noqa: SLF001
+            ref._rare().stop_req = reason
 
     def close(self) -> None:
         """Close begins: forget queued stops and retries (the drain stops everyone)."""
@@ -356,12 +356,12 @@ class Reaper:
             handle.cancel()
         self.retries.clear()
         for ref, _, held in self.expiring:
-            if held and ref._status is STOPPING:  # noqa: SLF001  # a self-stop not begun: the drain takes it
+            if held and ref._status is STOPPING:  # a self-stop not begun: the drain takes it
                 ref.stop_failed()
-                ref._release()  # noqa: SLF001
+                ref._release()
         self.expiring.clear()
 
     @staticmethod
     def is_stopped(ref: AgentRef) -> bool:
         """Whether ``ref``'s incarnation has stopped."""
-        return ref._status is STOPPED  # noqa: SLF001
+        return ref._status is STOPPED

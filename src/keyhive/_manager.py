@@ -343,7 +343,7 @@ class InstanceManager:
                 if task is not current and not task.done():
                     task.cancel()
             if core.tasks:
-                await asyncio.wait(list(core.tasks - {current}), timeout=1.0)  # type: ignore[operator]
+                await asyncio.wait([t for t in core.tasks if t is not current], timeout=1.0)
             core.regs = {}
             core.default_reg = {}
             if core.lease is not None:

@@ -75,7 +75,7 @@ class Options:
     def backoff(self, attempt: int) -> float:
         """Seconds before retry number ``attempt`` (1, 2, ...): doubling from first, capped."""
         first, cap = self.retry_backoff
-        return min(cap, first * 2 ** min(max(attempt, 1) - 1, 30))
+        return float(min(cap, first * 2 ** min(max(attempt, 1) - 1, 30)))
 
 
 def check_agent(agent: object) -> type[Agent]:

@@ -33,8 +33,17 @@ _NO_SNAPSHOT: Any = object()
 class Subscription:
     """``async with ref.subscribe() as events: async for event in events: ...``."""
 
-    __slots__ = ("_buffer", "_events", "_limit", "_overflowed", "_ref", "_want_snapshot", "_waiter",
-                 "snapshot", "stop_reason")
+    __slots__ = (
+        "_buffer",
+        "_events",
+        "_limit",
+        "_overflowed",
+        "_ref",
+        "_waiter",
+        "_want_snapshot",
+        "snapshot",
+        "stop_reason",
+    )
 
     def __init__(self, ref: AgentRef, *, snapshot: bool, limit: int) -> None:
         self._ref = ref

@@ -30,7 +30,7 @@ import logging
 import sys
 import types
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Generator, Mapping
+from collections.abc import Coroutine, Generator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ._errors import AgentStopped, ReentrancyError
@@ -100,7 +100,7 @@ def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any,
     while True:
         try:
             sent = yield yielded
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001  # every exception goes on into the coroutine, as Task.__step does
             try:
                 yielded = coro.throw(exc)
             except StopIteration as stop:
@@ -225,7 +225,7 @@ class AgentRef(Lifecycle):
                         timeout: float | None) -> Any:
         """The handler suspended: finish its turn in a task of the manager's; wait for it."""
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        chain = (*_held_chain(sys._getframe(1)), self)
+        chain = (*_held_chain(sys._getframe(1)), self)  # noqa: SLF001  # the call chain, off the fast path
         ctx = contextvars.copy_context()
         ctx.run(_CHAIN.set, chain)
         task = asyncio.get_running_loop().create_task(self._finish_turn(coro, yielded, waiter), context=ctx)
@@ -255,7 +255,7 @@ class AgentRef(Lifecycle):
                                  "cancelled; the agent keeps its state as the handler left it",
                                  host.name, self._key, host.turn_timeout)
                     raise
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001  # whatever the handler raised is its caller's answer
             error = exc
         durable = None
         try:
@@ -263,7 +263,7 @@ class AgentRef(Lifecycle):
             if host.validate_state and error is None:
                 try:
                     self._validate()
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001  # validate_state: the encode error is the caller's answer
                     error = exc
             if host.committer is not None:
                 durable = host.committer.turn_ended(self)
@@ -272,7 +272,7 @@ class AgentRef(Lifecycle):
         if durable is not None:
             try:
                 await durable
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  # a failed durable write is the caller's answer
                 if error is None:
                     error = exc
         if waiter is None or waiter.done():  # the caller left (or this is a cast)
@@ -293,7 +293,7 @@ class AgentRef(Lifecycle):
         if self._status is STOPPED:
             raise self._stopped_error()
         if self._busy:
-            _check_reentrancy(self, sys._getframe(2))  # above call(), our only caller
+            _check_reentrancy(self, sys._getframe(2))  # noqa: SLF001  # above call(), our only caller
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         entry = _Call(message, loop.create_future())
@@ -322,7 +322,7 @@ class AgentRef(Lifecycle):
         except StopIteration as done:
             self._dirty = True
             return await self._end_turn(done.value, None)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001  # whatever the handler raised is its caller's answer
             self._dirty = True
             return await self._end_turn(None, exc)
         remaining = None if deadline is None else max(0.0, deadline - loop.time())
@@ -365,7 +365,7 @@ class AgentRef(Lifecycle):
         except StopIteration:
             await self._finish_done(None, queued)
             return
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001  # whatever the handler raised is logged with the key
             await self._finish_done(exc, queued)
             return
         await self._finish_turn(coro, yielded, None)
@@ -378,7 +378,7 @@ class AgentRef(Lifecycle):
             if host.validate_state and error is None:
                 try:
                     self._validate()
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001  # validate_state: the encode error is logged with the key
                     error = exc
             if host.committer is not None:
                 durable = host.committer.turn_ended(self)
@@ -387,7 +387,7 @@ class AgentRef(Lifecycle):
         if durable is not None:
             try:
                 await durable
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  # a failed durable write is logged with the key
                 error = error or exc
         if isinstance(error, Exception):
             logger.error("keyhive: %s: %s to key %r failed: %r", host.name,
@@ -412,7 +412,7 @@ class AgentRef(Lifecycle):
 
     def _queue(self) -> deque[Any]:
         x = self._rare()
-        waiters = x.waiters
+        waiters: deque[Any] | None = x.waiters
         if waiters is None:
             waiters = x.waiters = deque()
         return waiters
@@ -429,7 +429,7 @@ class AgentRef(Lifecycle):
                 raise self._stopped_error()
             self._busy = True
             return
-        _check_reentrancy(self, sys._getframe(1))
+        _check_reentrancy(self, sys._getframe(1))  # noqa: SLF001  # the caller's frame
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue().append(fut)
         try:
@@ -511,10 +511,9 @@ class AgentRef(Lifecycle):
     async def wait_stopped(self) -> StopReason:
         """Wait until this incarnation has stopped; return why."""
         while self._status is not STOPPED:
-            try:  # a failed start also ends the incarnation
+            # a failed start also ends the incarnation; its error went to its get()
+            with contextlib.suppress(Exception):
                 await self._changed()
-            except Exception:  # noqa: BLE001  # the start's own error went to its get(); here only the end counts
-                pass
         reason = self.stop_reason
         assert reason is not None
         return reason  # type: ignore[no-any-return]
@@ -625,9 +624,6 @@ class AgentRef(Lifecycle):
 
         return subscribe(self, snapshot=snapshot)
 
-    def _events(self) -> AsyncIterator[Any]:  # pragma: no cover - typing aid for integrations
-        raise NotImplementedError
-
 
 def _current_task(what: str) -> asyncio.Task[Any]:
     task = asyncio.current_task()
@@ -638,8 +634,10 @@ def _current_task(what: str) -> asyncio.Task[Any]:
 
 # Frames whose ``self`` holds its turn while they are on the running task's stack.
 _TURN_CODES = frozenset({
-    AgentRef.call.__code__, AgentRef._call_queued.__code__, AgentRef._run_cast.__code__,
-    AgentRef._finish_turn.__code__, AgentRef._end_turn.__code__,
+    AgentRef.call.__code__,
+    AgentRef._call_queued.__code__,  # noqa: SLF001  # this module's own class
+    AgentRef._run_cast.__code__,  # noqa: SLF001
+    AgentRef._finish_turn.__code__,  # noqa: SLF001
 })
 
 

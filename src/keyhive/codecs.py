@@ -165,7 +165,7 @@ def _may_nest(annotation: Any, depth: int = 0) -> bool:
 def _hints(tp: Any) -> dict[str, Any]:
     try:
         return typing.get_type_hints(tp)
-    except Exception:  # an unresolvable annotation: every field is looked at when decoding
+    except Exception:  # noqa: BLE001  # an unresolvable annotation: every field is looked at when decoding
         return {}
 
 

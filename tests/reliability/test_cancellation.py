@@ -182,7 +182,8 @@ async def test_call_cancelled_while_queued(make_manager: Any) -> None:
 
 
 async def test_call_cancelled_just_as_the_turn_is_handed_to_it(make_manager: Any) -> None:
-    """A queued call cancelled after the turn was handed to it, before it ran, passes the turn on."""
+    """A queued call cancelled after the turn was handed to it, before it ran, is handled all the
+    same (SPEC §8: it was sent), and the turn goes on."""
     async with make_manager(Slow) as m:
         ref = await m.get("k")
         gate = asyncio.Event()
@@ -190,7 +191,7 @@ async def test_call_cancelled_just_as_the_turn_is_handed_to_it(make_manager: Any
         await asyncio.sleep(0)
         queued = asyncio.create_task(ref.call("incr"))
         await asyncio.sleep(0)
-        fut = ref._x.waiters[0]
+        fut = ref._x.waiters[0].fut
         gate.set()
         # spin, not wait: we must act in the window between the hand-over and the waiter running
         while not fut.done():
@@ -199,12 +200,13 @@ async def test_call_cancelled_just_as_the_turn_is_handed_to_it(make_manager: Any
         with pytest.raises(asyncio.CancelledError):
             await queued
         assert await running == 1
+        assert await ref.call("incr") == 3  # behind the cancelled caller's increment
         await assert_clean(m)
-        assert await ref.call("incr") == 2
 
 
 async def test_call_cancelled_while_running(make_manager: Any) -> None:
-    """A call cancelled inside a suspended handler frees the turn; the agent keeps serving."""
+    """A call cancelled inside a suspended handler stops only the caller: the turn runs to
+    completion (SPEC §8), then the next call runs; the agent keeps serving."""
     async with make_manager(Slow) as m:
         ref = await m.get("k")
         running = asyncio.create_task(ref.call(("sleep", 5), timeout=None))
@@ -214,19 +216,19 @@ async def test_call_cancelled_while_running(make_manager: Any) -> None:
         running.cancel()
         with pytest.raises(asyncio.CancelledError):
             await running
-        assert await queued == 1  # the cancelled handler never reached its increment
+        assert await queued == 2  # the cancelled caller's turn finished its increment first
         assert ref.alive
         await assert_clean(m)
 
 
 async def test_call_timing_out_while_running(make_manager: Any) -> None:
-    """A call that times out in its handler raises TimeoutError and frees the turn."""
+    """A call that times out in its handler raises TimeoutError; its turn finishes, then frees."""
     async with make_manager(Slow) as m:
         ref = await m.get("k")
         with pytest.raises(TimeoutError):
             await ref.call(("sleep", 10), timeout=1)
+        assert await ref.call("incr", timeout=None) == 2  # behind the finished turn
         await assert_clean(m)
-        assert await ref.call("incr") == 1
 
 
 async def test_stop_cancelled_during_hibernate(make_manager: Any) -> None:

@@ -126,8 +126,9 @@ async def test_an_unencodable_state_is_logged_even_after_an_earlier_storage_fail
         await events.wait_for("hibernate_failed", "k")  # a storage error: logged
         await m.call("k", ("set", "tags", {"a", "b"}))  # a set: JSON cannot encode it
         await events.wait_count("hibernate_failed", 5, "k")
-        codec = [r for r in caplog.records if r.levelname == "WARNING" and "CodecError" in r.getMessage()]
+        codec = [r for r in caplog.records if r.levelname == "ERROR" and "cannot be encoded" in r.getMessage()]
         assert len(codec) == 1, [r.getMessage() for r in caplog.records]
+        assert "'k'" in codec[0].getMessage() and "list" in codec[0].getMessage()  # the key, and a hint
         assert (await m.lookup("k")) is not None  # kept alive
         await m.call("k", ("set", "tags", ["a", "b"]))
         await events.wait_for("hibernated", "k")

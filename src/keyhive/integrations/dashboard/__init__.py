@@ -217,7 +217,7 @@ class Dashboard:
         try:
             body = await request.json()
             ident = body["id"]
-        except Exception:
+        except Exception:  # noqa: BLE001  # any malformed request body is a 400
             return JSONResponse({"detail": 'Send JSON {"id": "<agent id>"}.'}, 400)
         ref = self._refs.get(ident) if isinstance(ident, str) else None
         if ref is None or not ref.alive:
