@@ -24,6 +24,7 @@ callers waiting on it). The fast path pays nothing for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import copy
 import logging
