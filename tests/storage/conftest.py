@@ -70,11 +70,11 @@ def second_handle(backend: Any) -> Any:
     from keyhive.storage.redis import RedisStorage
 
     if isinstance(backend, RedisStorage):
-        kwargs = backend._client.connection_pool.connection_kwargs  # noqa: SLF001 - same server
+        kwargs = backend._client.connection_pool.connection_kwargs
         url = f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
         return RedisStorage.from_url(url, key_prefix=backend.key_prefix)
     if isinstance(backend, PostgresStorage):
-        return PostgresStorage(backend._dsn, table=backend.table)  # noqa: SLF001 - same database
+        return PostgresStorage(backend._dsn, table=backend.table)
     raise AssertionError(backend)
 
 

@@ -120,7 +120,7 @@ async def test_hundred_thousand_entries(kind: str, tmp_path: Path) -> None:
                                     "ORDER BY due, key LIMIT 10").fetchall()
                 return " ".join(str(r[-1]) for r in rows)
 
-            assert "INDEX keyhive_checkpoints_due (due>? AND due<?)" in await storage._run(plan)  # noqa: SLF001
+            assert "INDEX keyhive_checkpoints_due (due>? AND due<?)" in await storage._run(plan)
     finally:
         await storage.aclose()
 
