@@ -47,6 +47,37 @@ async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         await backend.aclose()
 
 
+LEASE_BACKENDS = ["file", "sqlite", "redis", "postgres"]
+
+
+@pytest.fixture(params=LEASE_BACKENDS)
+async def lease_storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    """A fresh backend of each kind that keeps leases (every one but memory)."""
+    backend = await _make(request.param, tmp_path, request)
+    try:
+        yield backend
+    finally:
+        await backend.aclose()
+
+
+def second_handle(backend: Any) -> Any:
+    """Another client on the same data as ``backend`` (its own connection, file handle or pool)."""
+    if isinstance(backend, keyhive.FileStorage):
+        return keyhive.FileStorage(backend.directory)
+    if isinstance(backend, SQLiteStorage):
+        return SQLiteStorage(backend.path)
+    from keyhive.storage.postgres import PostgresStorage
+    from keyhive.storage.redis import RedisStorage
+
+    if isinstance(backend, RedisStorage):
+        kwargs = backend._client.connection_pool.connection_kwargs
+        url = f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
+        return RedisStorage.from_url(url, key_prefix=backend.key_prefix)
+    if isinstance(backend, PostgresStorage):
+        return PostgresStorage(backend._dsn, table=backend.table)
+    raise AssertionError(backend)
+
+
 @pytest.fixture
 def make_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[str], Any]:
     """Build a backend of a given kind (for tests that need a second handle on the same data)."""

@@ -4,13 +4,89 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import Awaitable, Callable, Sequence
 from types import ModuleType
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from ._base import Checkpoint
+from .._errors import LeaseLost
+from ._base import Checkpoint, Fence, Lease
 
-__all__ = ["LoadBatcher", "import_driver", "query_options", "split_options"]
+__all__ = [
+    "LoadBatcher",
+    "check_due",
+    "check_dues",
+    "check_fence",
+    "check_lease_args",
+    "check_limit",
+    "import_driver",
+    "lease_lost",
+    "make_lease",
+    "query_options",
+    "split_options",
+]
+
+
+def check_fence(fence: object) -> Fence | None:
+    """``fence`` itself when it is a :class:`Fence` or ``None``; TypeError otherwise."""
+    if fence is None or type(fence) is Fence:
+        return fence
+    raise TypeError(f"fence must be keyhive.Fence(name, epoch) or None, not {type(fence).__name__}")
+
+
+def check_due(due: object) -> float | None:
+    """A due time as a float (seconds since the epoch), or None; clear errors otherwise."""
+    if due is None:
+        return None
+    if isinstance(due, bool) or not isinstance(due, int | float):
+        raise TypeError(f"due must be seconds since the epoch (a float, e.g. time.time() + 60) or None, "
+                        f"not {type(due).__name__}")
+    if not math.isfinite(due):
+        raise ValueError(f"due must be a finite time in seconds since the epoch, not {due!r}")
+    return float(due)
+
+
+def check_dues(due: object, count: int) -> list[float | None]:
+    """``save_many``'s ``due=``: None (no item is due) or one due time per item."""
+    if due is None:
+        return [None] * count
+    if isinstance(due, str | bytes) or not isinstance(due, Sequence):
+        raise TypeError(f"save_many(due=...) takes None or a list with one due time (or None) per item, "
+                        f"not {type(due).__name__}")
+    if len(due) != count:
+        raise ValueError(f"save_many(due=...) has {len(due)} due times for {count} items: give one per item")
+    return [check_due(d) for d in due]
+
+
+def check_limit(limit: object) -> int:
+    """A result limit: an int >= 1."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be an int >= 1, not {limit!r}")
+    return limit
+
+
+def check_lease_args(name: object, holder: object, ttl: object = 1.0) -> float:
+    """Validate a lease call's arguments; return ``ttl`` as a float."""
+    if type(name) is not str or not name:
+        raise TypeError(f"lease name must be a non-empty str, not {name!r}")
+    if type(holder) is not str or not holder:
+        raise TypeError(f"lease holder must be a non-empty str such as 'host:pid:instance', not {holder!r}")
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not (0 < ttl < math.inf):
+        raise ValueError(f"lease ttl must be seconds > 0 (e.g. 10.0), not {ttl!r}")
+    return float(ttl)
+
+
+def make_lease(name: str, holder: str, epoch: int, acquired_at: float, expires_at: float,
+               released: bool, now: float) -> Lease:
+    """The :class:`Lease` a stored record describes when read at ``now`` (storage clock)."""
+    left = 0.0 if released else max(0.0, expires_at - now)
+    return Lease(name, holder, int(epoch), float(acquired_at), left, bool(released))
+
+
+def lease_lost(fence: Fence, stored: str) -> LeaseLost:
+    """The error of a fenced write refused because the lease moved on."""
+    return LeaseLost(f"lease {fence.name!r} is no longer held under epoch {fence.epoch} "
+                     f"({stored}): nothing was written")
 
 
 def import_driver(module: str, extra: str) -> ModuleType:

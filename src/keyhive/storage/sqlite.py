@@ -28,8 +28,18 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from .._errors import ConflictError, StorageError
-from ._base import Checkpoint, SaveItem, StoredKey
-from ._driver import LoadBatcher, query_options
+from ._base import Checkpoint, Fence, Lease, SaveItem, StoredKey
+from ._driver import (
+    LoadBatcher,
+    check_due,
+    check_dues,
+    check_fence,
+    check_lease_args,
+    check_limit,
+    lease_lost,
+    make_lease,
+    query_options,
+)
 
 __all__ = ["SQLiteStorage"]
 
@@ -118,18 +128,69 @@ class SQLiteStorage:
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None,
                                check_same_thread=False)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            # The busy timeout goes first, before any statement touches the file.
+            conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout * 1000)}")
+            self._switch_to_wal(conn)
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {self._table} ("
                 "key TEXT PRIMARY KEY, data BLOB NOT NULL, version INTEGER NOT NULL, "
                 "updated_at REAL NOT NULL) WITHOUT ROWID"
             )
+            self._create_index_tables(conn)
         except BaseException:
             conn.close()
             raise
         self._conn = conn
         return conn
+
+    def _switch_to_wal(self, conn: sqlite3.Connection) -> None:
+        """``PRAGMA journal_mode=WAL``, retried while another process holds the file.
+
+        Switching the journal needs an exclusive lock and SQLite does not call the busy
+        handler for it, so two processes opening a new file at once could fail with
+        ``database is locked``: retry until ``busy_timeout`` has passed.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        delay = 0.001
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    # -- leases, the due-time index and retention (schema) --------------------------------------
+
+    def _create_index_tables(self, conn: sqlite3.Connection) -> None:
+        """The lease table, the ``due`` column and the indexes on ``due`` and ``updated_at``.
+
+        In one ``BEGIN IMMEDIATE`` transaction, so two processes opening an older file at
+        once never both add the column.
+        """
+        table = self._table
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if "due" not in columns:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN due REAL")
+            conn.execute(f"CREATE INDEX IF NOT EXISTS {table}_due ON {table} (due) WHERE due IS NOT NULL")
+            conn.execute(f"CREATE INDEX IF NOT EXISTS {table}_updated_at ON {table} (updated_at)")
+            conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {table}_leases ("
+                "name TEXT PRIMARY KEY, holder TEXT NOT NULL, epoch INTEGER NOT NULL, "
+                "acquired_at REAL NOT NULL, expires_at REAL NOT NULL, released INTEGER NOT NULL)"
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._closed:
@@ -171,20 +232,20 @@ class SQLiteStorage:
 
     @staticmethod
     def _save_one(conn: sqlite3.Connection, table: str, key: str, data: bytes,
-                  expected: int | None, now: float) -> int:
+                  expected: int | None, now: float, due: float | None = None) -> int:
         if type(key) is not str:
             raise TypeError(f"storage keys are str, not {type(key).__name__}")
         if not isinstance(data, bytes):
             raise TypeError(f"checkpoint data must be bytes, not {type(data).__name__}")
         if expected is None:
             cur = conn.execute(
-                f"INSERT INTO {table} (key, data, version, updated_at) VALUES (?, ?, 1, ?) "
-                "ON CONFLICT(key) DO NOTHING", (key, data, now))
+                f"INSERT INTO {table} (key, data, version, updated_at, due) VALUES (?, ?, 1, ?, ?) "
+                "ON CONFLICT(key) DO NOTHING", (key, data, now, due))
             new = 1
         else:
             cur = conn.execute(
-                f"UPDATE {table} SET data = ?, version = version + 1, updated_at = ? "
-                "WHERE key = ? AND version = ?", (data, now, key, expected))
+                f"UPDATE {table} SET data = ?, version = version + 1, updated_at = ?, due = ? "
+                "WHERE key = ? AND version = ?", (data, now, due, key, expected))
             new = expected + 1
         if cur.rowcount == 1:
             return new
@@ -193,25 +254,62 @@ class SQLiteStorage:
             f"version conflict on {key!r}: expected {expected}, stored {None if row is None else row[0]}"
         )
 
-    async def save(self, key: str, data: bytes, *, expected_version: int | None) -> int:
-        table = self._table
-        return await self._run(
-            lambda conn: self._save_one(conn, table, key, data, expected_version, time.time())
-        )
+    def _check_fence(self, conn: sqlite3.Connection, fence: Fence) -> None:
+        """Raise LeaseLost unless ``fence`` names the stored epoch (inside the write's transaction)."""
+        row = conn.execute(f"SELECT epoch, released FROM {self._table}_leases WHERE name = ?",
+                           (fence.name,)).fetchone()
+        if row is None or row[0] != fence.epoch or row[1]:
+            stored = "no lease" if row is None else f"epoch {row[0]}{', released' if row[1] else ''}"
+            raise lease_lost(fence, stored)
 
-    async def save_many(self, items: Sequence[SaveItem]) -> list[int | BaseException]:
+    def _fenced(self, conn: sqlite3.Connection, fence: Fence, write: Callable[[], T]) -> T:
+        """``write()`` in one ``BEGIN IMMEDIATE`` transaction after the fence check."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._check_fence(conn, fence)
+            result = write()
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    async def save(self, key: str, data: bytes, *, expected_version: int | None,
+                   fence: Fence | None = None, due: float | None = None) -> int:
+        """Compare-and-set one checkpoint, with its due time, under ``fence`` when given."""
+        table = self._table
+        fence = check_fence(fence)
+        due = check_due(due)
+
+        def write(conn: sqlite3.Connection) -> int:
+            now = time.time()
+            if fence is None:  # one autocommit statement, as fast as before leases existed
+                return self._save_one(conn, table, key, data, expected_version, now, due)
+            return self._fenced(
+                conn, fence, lambda: self._save_one(conn, table, key, data, expected_version, now, due))
+
+        return await self._run(write)
+
+    async def save_many(self, items: Sequence[SaveItem], *, fence: Fence | None = None,
+                        due: Sequence[float | None] | None = None) -> list[int | BaseException]:
+        """A whole batch in one transaction; with ``fence``, all of it or (LeaseLost) none."""
         table = self._table
         items = list(items)
+        fence = check_fence(fence)
+        dues = check_dues(due, len(items))
 
         def write(conn: sqlite3.Connection) -> list[int | BaseException]:
             results: list[int | BaseException] = []
             now = time.time()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for item in items:
+                if fence is not None:
+                    self._check_fence(conn, fence)
+                for item, item_due in zip(items, dues, strict=True):
                     try:
                         results.append(self._save_one(conn, table, item.key, item.data,
-                                                      item.expected_version, now))
+                                                      item.expected_version, now, item_due))
                     except (ConflictError, TypeError) as exc:
                         results.append(exc)
                 conn.execute("COMMIT")
@@ -223,11 +321,124 @@ class SQLiteStorage:
 
         return await self._run(write)
 
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str, *, fence: Fence | None = None) -> bool:
+        """Remove ``key`` (and its due time); ``True`` when something was removed."""
         table = self._table
-        return await self._run(
-            lambda conn: conn.execute(f"DELETE FROM {table} WHERE key = ?", (key,)).rowcount == 1
-        )
+        fence = check_fence(fence)
+
+        def remove(conn: sqlite3.Connection) -> bool:
+            def run() -> bool:
+                return bool(conn.execute(f"DELETE FROM {table} WHERE key = ?", (key,)).rowcount == 1)
+
+            return run() if fence is None else self._fenced(conn, fence, run)
+
+        return await self._run(remove)
+
+    async def delete_if(self, key: str, version: int, *, fence: Fence | None = None) -> bool:
+        """Remove ``key`` only while its stored version is ``version``; ``True`` when removed."""
+        table = self._table
+        fence = check_fence(fence)
+
+        def remove(conn: sqlite3.Connection) -> bool:
+            def run() -> bool:
+                return bool(conn.execute(f"DELETE FROM {table} WHERE key = ? AND version = ?",
+                                         (key, version)).rowcount == 1)
+
+            return run() if fence is None else self._fenced(conn, fence, run)
+
+        return await self._run(remove)
+
+    async def due_keys(self, prefix: str, until: float, limit: int = 1000) -> list[tuple[str, float]]:
+        """Up to ``limit`` ``(key, due)`` with ``prefix`` and ``due <= until``, earliest first."""
+        table = self._table
+        limit = check_limit(limit)
+        until = float(until)
+
+        def read(conn: sqlite3.Connection) -> list[tuple[str, float]]:
+            rows = conn.execute(
+                f"SELECT key, due FROM {table} INDEXED BY {table}_due "
+                "WHERE due IS NOT NULL AND due <= ? AND substr(key, 1, ?) = ? ORDER BY due, key LIMIT ?",
+                (until, len(prefix), prefix, limit)).fetchall()
+            return [(key, float(due)) for key, due in rows]
+
+        return await self._run(read)
+
+    async def stale_keys(self, prefix: str, older_than: float, limit: int = 1000) -> list[StoredKey]:
+        """Up to ``limit`` checkpoints with ``prefix`` last written before ``older_than``, oldest first."""
+        table = self._table
+        limit = check_limit(limit)
+
+        def read(conn: sqlite3.Connection) -> list[StoredKey]:
+            rows = conn.execute(
+                f"SELECT key, version, length(data), updated_at FROM {table} INDEXED BY {table}_updated_at "
+                "WHERE updated_at < ? AND substr(key, 1, ?) = ? ORDER BY updated_at, key LIMIT ?",
+                (float(older_than), len(prefix), prefix, limit)).fetchall()
+            return [StoredKey(key, version, size, updated) for key, version, size, updated in rows]
+
+        return await self._run(read)
+
+    # -- leases -------------------------------------------------------------------------------------
+
+    async def acquire_lease(self, name: str, holder: str, ttl: float, *,
+                            takeover: bool = False) -> Lease:
+        """Take or renew ``name`` for ``ttl`` seconds (this machine's clock); see LeaseStorage."""
+        ttl = check_lease_args(name, holder, ttl)
+        leases = f"{self._table}_leases"
+
+        def acquire(conn: sqlite3.Connection) -> Lease:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                now = time.time()
+                row = conn.execute(f"SELECT holder, epoch, acquired_at, expires_at, released FROM {leases} "
+                                   "WHERE name = ?", (name,)).fetchone()
+                if row is None:
+                    conn.execute(f"INSERT INTO {leases} VALUES (?, ?, 1, ?, ?, 0)",
+                                 (name, holder, now, now + ttl))
+                    lease = make_lease(name, holder, 1, now, now + ttl, False, now)
+                else:
+                    held_by, epoch, since, expires, released = row
+                    if held_by == holder and not released:  # renewal keeps the epoch
+                        conn.execute(f"UPDATE {leases} SET expires_at = ? WHERE name = ?", (now + ttl, name))
+                        lease = make_lease(name, holder, epoch, since, now + ttl, False, now)
+                    elif released or expires <= now or takeover:
+                        conn.execute(f"UPDATE {leases} SET holder = ?, epoch = ?, acquired_at = ?, "
+                                     "expires_at = ?, released = 0 WHERE name = ?",
+                                     (holder, epoch + 1, now, now + ttl, name))
+                        lease = make_lease(name, holder, epoch + 1, now, now + ttl, False, now)
+                    else:
+                        lease = make_lease(name, held_by, epoch, since, expires, False, now)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return lease
+
+        return await self._run(acquire)
+
+    async def release_lease(self, name: str, holder: str, epoch: int) -> bool:
+        """Give ``name`` up at once, keeping its epoch; False when it is not ours anymore."""
+        check_lease_args(name, holder)
+        leases = f"{self._table}_leases"
+        return await self._run(lambda conn: conn.execute(
+            f"UPDATE {leases} SET released = 1, expires_at = ? "
+            "WHERE name = ? AND holder = ? AND epoch = ? AND released = 0",
+            (time.time(), name, holder, epoch)).rowcount == 1)
+
+    async def read_lease(self, name: str) -> Lease | None:
+        """The lease ``name`` as stored, or None when nobody ever took it."""
+        check_lease_args(name, "reader")
+        leases = f"{self._table}_leases"
+
+        def read(conn: sqlite3.Connection) -> Lease | None:
+            row = conn.execute(f"SELECT holder, epoch, acquired_at, expires_at, released FROM {leases} "
+                               "WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                return None
+            holder, epoch, since, expires, released = row
+            return make_lease(name, holder, epoch, since, expires, released, time.time())
+
+        return await self._run(read)
 
     async def iter_keys(self, prefix: str = "") -> AsyncIterator[StoredKey]:
         """Every key starting with ``prefix``, in key order, read in pages of 1,000."""
