@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ._base import Checkpoint
 
-__all__ = ["LoadBatcher", "import_driver", "query_options", "split_options"]
+__all__ = ["LoadBatcher", "import_driver", "query_options", "split_options", "url_flag"]
 
 
 def import_driver(module: str, extra: str) -> ModuleType:
@@ -33,6 +33,14 @@ def query_options(query: str, allowed: set[str], url: str) -> dict[str, str]:
             f"known: {', '.join(sorted(allowed))}"
         )
     return options
+
+
+def url_flag(value: str, name: str, url: str) -> bool:
+    """A boolean URL option: ``true``/``false`` (also ``1``/``0``, ``yes``/``no``)."""
+    flag = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(value.lower())
+    if flag is None:
+        raise ValueError(f"{name} must be true or false in {url!r}, not {value!r}")
+    return flag
 
 
 def split_options(url: str, own: set[str]) -> tuple[dict[str, str], str]:
