@@ -16,7 +16,7 @@ from typing import Any, Final
 from ._errors import KeyhiveError, StorageError
 from ._keys import check_key, decode_storage_key, storage_key, storage_prefix
 
-__all__ = ["ALL", "StoredRecord", "exists", "stored_keys"]
+__all__ = ["ALL", "StoredRecord", "exists", "records_under", "stored_keys"]
 
 
 class _All(enum.Enum):
@@ -51,7 +51,7 @@ def _listing(storage: Any) -> Any:
     return iter_keys
 
 
-async def _records(storage: Any, prefix: str) -> AsyncIterator[tuple[str, StoredRecord]]:
+async def records_under(storage: Any, prefix: str) -> AsyncIterator[tuple[str, StoredRecord]]:
     """``(manager, record)`` for every keyhive checkpoint under ``prefix``, streamed."""
     iter_keys = _listing(storage)
     try:
@@ -88,7 +88,7 @@ async def stored_keys(storage: Any, manager: str, *,
             check_key(partition, "partition")
         prefix = storage_prefix(manager, partition)
     _listing(storage)  # fail now, not at the first iteration, when it cannot list
-    async for name, record in _records(storage, prefix):
+    async for name, record in records_under(storage, prefix):
         # The prefix is exact (it ends at a separator), but a foreign backend may over-match.
         if name == manager and (partition is ALL or record.partition == partition):
             yield record

@@ -123,7 +123,7 @@ class SQLiteStorage:
             if not parent.is_dir():
                 raise FileNotFoundError(f"directory {str(parent)!r} does not exist")
             if not self.create and not Path(self.path).expanduser().is_file():
-                raise FileNotFoundError(f"no database file {self.path!r} (nothing was created)")
+                raise FileNotFoundError(f"no SQLite database file {self.path!r} (nothing was created)")
         if self.create:
             conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None,
                                    check_same_thread=False)
