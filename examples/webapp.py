@@ -217,10 +217,10 @@ def main() -> None:
           f"{f' at {where}' if where else ''}; Ctrl-C to stop", flush=True)
     config = uvicorn.Config(app, ws="websockets-sansio", timeout_graceful_shutdown=5,
                             log_level="warning")
-    try:
+    # uvicorn re-raises Ctrl-C after its graceful shutdown (every agent hibernated by then).
+    with contextlib.suppress(KeyboardInterrupt):
         uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        sock.close()
+    sock.close()
 
 
 def listen_socket(host: str, port: int) -> socket.socket:

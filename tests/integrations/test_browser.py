@@ -62,6 +62,7 @@ class Demo:
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
         self.runs = 0
+        self.exit_code: int | None = None
 
     async def start(self) -> str:
         port = _free_port()
@@ -100,6 +101,7 @@ class Demo:
             proc.kill()
             await proc.wait()
             raise
+        self.exit_code = proc.returncode
 
 
 @pytest.fixture
@@ -204,6 +206,8 @@ async def test_tabs_share_a_session_which_hibernates_and_thaws(demo: Demo, brows
         await dash.close()
 
         await demo.stop()  # a server restart: the live agent hibernates on shutdown, thaws after
+        assert demo.exit_code == 0  # Ctrl-C is a clean exit, no traceback
+        assert "Traceback" not in (demo.workdir / "demo-1.log").read_text()
         url = await demo.start()
         again = await _open(context, url)
         await expect(again.locator("#count")).to_have_text("4")
