@@ -217,3 +217,11 @@ def test_missing_extra_says_how_to_install_it_from_a_clone() -> None:
     assert result.returncode == 1
     assert "pip install 'keyhive[cli]'" in result.stderr
     assert ".venv/bin/pip install -e '.[cli]'" in result.stderr
+
+
+def test_ls_limit_stops_early(stored: str) -> None:
+    """--limit N prints N rows and counts only those."""
+    result = invoke("ls", stored, "--limit", "1")
+    assert result.exit_code == 0, result.output
+    assert len(rows(result)) == 1
+    assert "1 checkpoint," in result.stderr

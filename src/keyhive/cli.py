@@ -211,7 +211,7 @@ def ls(
                         str(record.version), str(record.size), _when(record.updated_at)]))
                     count += 1
                     total += record.size
-                    progress.update(task, description=f"{count:,} keys")
+                    progress.update(task, description=_plural(count, "key"))
                     if limit and count >= limit:
                         break
                     item = await anext(listing, None)
