@@ -1,6 +1,7 @@
-"""A counter agent used, left idle, hibernated to disk, and thawed with its state.
+"""The console demo: a counter agent used, left idle, hibernated to disk, thawed with its state.
 
-Run: bash scripts/demo.sh   (or: python examples/counter_demo.py [--storage URL])
+Run: python examples/counter_demo.py [--storage URL] [--idle SECONDS]
+(the web demo is the other one: bash scripts/demo.sh)
 """
 
 from __future__ import annotations
@@ -63,8 +64,12 @@ async def main(storage: str, idle: float) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--storage", default="file://.keyhive-demo/checkpoints")
-    parser.add_argument("--idle", type=float, default=1.0, help="idle timeout in seconds")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--storage", default="file://.keyhive-demo/checkpoints", metavar="URL",
+                        help="where checkpoints go: a storage URL such as sqlite:///counters.db "
+                             "(default: %(default)s, under the current directory)")
+    parser.add_argument("--idle", type=float, default=1.0, metavar="SECONDS",
+                        help="idle timeout in seconds (default: %(default)s)")
     args = parser.parse_args()
     asyncio.run(main(args.storage, args.idle))

@@ -4,8 +4,9 @@ Run: bash scripts/demo.sh   (or: python examples/webapp.py [--port 8000] [--idle
 
 Open http://127.0.0.1:8000 in two tabs: both show the same session (a counter and
 notes) and update each other live. Close them both: after ``--idle`` seconds the agent
-hibernates to ``.keyhive-demo/`` (watch it on the dashboard at /keyhive/). Open the page
-again, or restart the server: the agent thaws with its state.
+hibernates to ``.keyhive-demo/sessions.db`` (watch it on the dashboard at /keyhive/). Open
+the page again, or restart the server: the agent thaws with its state. Look at what is
+stored with ``keyhive ls sqlite:///.keyhive-demo/sessions.db`` (see docs/cli.md).
 
 How it fits together: each WebSocket attaches to its session's agent for as long as it
 is open (``attach_websocket``); the agent publishes every change to a ``Hub`` it gets
@@ -17,8 +18,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import secrets
+import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,30 @@ from keyhive.integrations.fastapi import (
 )
 
 COOKIE = "keyhive_demo_session"
+
+# What the page says when the agent behind it stops, one sentence per StopReason.
+STOP_MESSAGES: dict[keyhive.StopReason, str] = {
+    keyhive.StopReason.IDLE_TIMEOUT: "The agent hibernated: nobody was attached for the idle timeout.",
+    keyhive.StopReason.STOPPED: "The agent was stopped by manager.stop() (the dashboard's stop button).",
+    keyhive.StopReason.NORMAL: "The agent stopped itself with self.stop().",
+    keyhive.StopReason.SHUTDOWN: "The server is shutting down; the agent hibernated.",
+    keyhive.StopReason.CONFLICT: "The agent stopped: another process had written newer state.",
+    keyhive.StopReason.UNSAVED: "The agent stopped before its state could be saved.",
+    keyhive.StopReason.EVICTED: "The agent hibernated to make room for others (max_live).",
+    keyhive.StopReason.LEASE_LOST: "The agent stopped: another process took this manager over.",
+}
+
+
+def stop_message(reason: keyhive.StopReason | None) -> str:
+    """The sentence the page shows for ``reason``."""
+    if reason is None:
+        return "The agent stopped."
+    return STOP_MESSAGES.get(reason, f"The agent stopped ({reason}).")
+
+
+def session_key(cookies: dict[str, str]) -> str | None:
+    """The session key from the cookie; an empty or missing cookie is no session."""
+    return cookies.get(COOKIE) or None
 
 
 class Hub:
@@ -103,7 +131,8 @@ def create_app(*, idle: float = 10.0, storage: str | None = None, allow_stop: bo
 
     def tell_sockets(event: keyhive.Event) -> None:
         if event.kind is keyhive.EventKind.STOPPED:  # e.g. the dashboard's stop button
-            hub.publish(event.key, {"type": "stopped", "reason": str(event.reason)})
+            hub.publish(event.key, {"type": "stopped", "reason": str(event.reason),
+                                    "message": stop_message(event.reason)})
 
     sessions.subscribe(tell_sockets)
     app = FastAPI(title="keyhive demo", lifespan=keyhive_lifespan(sessions))
@@ -113,7 +142,7 @@ def create_app(*, idle: float = 10.0, storage: str | None = None, allow_stop: bo
     @app.get("/", response_class=HTMLResponse)
     async def page(request: Request) -> HTMLResponse:
         response = HTMLResponse(PAGE.replace("{{IDLE}}", f"{idle:g}"))
-        if COOKIE not in request.cookies:
+        if session_key(request.cookies) is None:  # none, or an empty one: a new session
             response.set_cookie(COOKIE, "s-" + secrets.token_urlsafe(9), httponly=True, samesite="lax",
                                 max_age=30 * 24 * 3600)
         return response
@@ -121,14 +150,14 @@ def create_app(*, idle: float = 10.0, storage: str | None = None, allow_stop: bo
     @app.get("/api/state")
     async def state(request: Request) -> JSONResponse:
         """Plain HTTP: get + call, no attach (the idle timer is not touched)."""
-        key = request.cookies.get(COOKIE)
+        key = session_key(request.cookies)
         if key is None:
             return JSONResponse({"detail": "no session cookie; open / first"}, 400)
         return JSONResponse(await agent_call(sessions, key, {"op": "get"}))
 
     @app.websocket("/ws")
     async def live(websocket: WebSocket) -> None:
-        key = websocket.cookies.get(COOKIE)
+        key = session_key(websocket.cookies)
         if key is None:  # refused at the handshake (HTTP 403)
             raise WebSocketException(1008, "no session cookie: open the page first")
         async with attach_websocket(websocket, sessions, key) as ref:
@@ -178,13 +207,35 @@ def main() -> None:
                         help="storage URL (default: SQLite or files under .keyhive-demo/)")
     parser.add_argument("--read-only-dashboard", action="store_true", help="no stop buttons")
     args = parser.parse_args()
+    sock = listen_socket(args.host, args.port)  # before any "open …" line: a busy port says so
     app = create_app(idle=args.idle, storage=args.storage, allow_stop=not args.read_only_dashboard)
     storage = app.state.sessions.storage
     url = f"http://{args.host}:{args.port}"
     print(f"keyhive web demo: open {url}  (dashboard: {url}/keyhive/)", flush=True)
-    print(f"  idle timeout {args.idle:g} s, storage {type(storage).__name__}; Ctrl-C to stop", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, ws="websockets-sansio",
-                timeout_graceful_shutdown=5, log_level="warning")
+    where = getattr(storage, "path", None) or getattr(storage, "directory", None)
+    print(f"  idle timeout {args.idle:g} s, storage {type(storage).__name__}"
+          f"{f' at {where}' if where else ''}; Ctrl-C to stop", flush=True)
+    config = uvicorn.Config(app, ws="websockets-sansio", timeout_graceful_shutdown=5,
+                            log_level="warning")
+    # uvicorn re-raises Ctrl-C after its graceful shutdown (every agent hibernated by then).
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(config).run(sockets=[sock])
+    sock.close()
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` for uvicorn; a busy port exits with what to pass instead."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            sys.exit(f"keyhive web demo: port {port} is in use; pass --port {port + 1}")
+        sys.exit(f"keyhive web demo: cannot listen on {host}:{port}: {exc.strerror or exc}")
+    return sock
 
 
 if __name__ == "__main__":

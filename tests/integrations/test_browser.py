@@ -14,6 +14,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,6 +62,7 @@ class Demo:
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
         self.runs = 0
+        self.exit_code: int | None = None
 
     async def start(self) -> str:
         port = _free_port()
@@ -99,6 +101,7 @@ class Demo:
             proc.kill()
             await proc.wait()
             raise
+        self.exit_code = proc.returncode
 
 
 @pytest.fixture
@@ -178,7 +181,22 @@ async def test_tabs_share_a_session_which_hibernates_and_thaws(demo: Demo, brows
         await dash.screenshot(path=str(ARTIFACTS / "dashboard-thawed.png"), full_page=True)
         await back.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
 
-        # the demo opts in to stop buttons: a stop hibernates it; the open tab reconnects and thaws it
+        # the demo opts in to stop buttons, which ask first: dismissed, nothing happens
+        asked: list[str] = []
+
+        async def answer(dialog: Any, accept: bool) -> None:
+            asked.append(dialog.message)
+            await (dialog.accept() if accept else dialog.dismiss())
+
+        dash.once("dialog", lambda d: answer(d, False))
+        await dash.click(f"tr.agent[data-key='{session}'] button.stop")
+        async with asyncio.timeout(5):
+            while not asked:
+                await asyncio.sleep(0.05)
+        assert session in asked[0]
+        await expect(dash.locator(f"tr.event[data-kind='stopped'][data-key='{session}']")).to_have_count(1)
+        # accepted: a stop hibernates it; the open tab reconnects and thaws it
+        dash.once("dialog", lambda d: answer(d, True))
         await dash.click(f"tr.agent[data-key='{session}'] button.stop")
         await expect(dash.locator(f"tr.event[data-kind='stopped'][data-key='{session}']")).to_have_count(2)
         await expect(back.locator("#thaws")).to_have_text("2")
@@ -188,11 +206,36 @@ async def test_tabs_share_a_session_which_hibernates_and_thaws(demo: Demo, brows
         await dash.close()
 
         await demo.stop()  # a server restart: the live agent hibernates on shutdown, thaws after
+        assert demo.exit_code == 0  # Ctrl-C is a clean exit, no traceback
+        assert "Traceback" not in (demo.workdir / "demo-1.log").read_text()
         url = await demo.start()
         again = await _open(context, url)
         await expect(again.locator("#count")).to_have_text("4")
         await expect(again.locator("#agent")).to_contain_text("thawed")
         await expect(again.locator("#thaws")).to_have_text("3")
         await again.close()
+    finally:
+        await context.close()
+
+
+async def test_dashboard_fits_a_phone_and_names_what_it_counts(demo: Demo, browser: Browser) -> None:
+    """At 390 px the dashboard has no sideways scroll, and its tiles say what each number counts."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    url = await demo.start()
+    context = await browser.new_context(viewport={"width": 390, "height": 844})
+    try:
+        tab = await _open(context, url)
+        await tab.fill("#note", "a note long enough to make a row wider than a phone screen")
+        await tab.click("#noteform button:not([type])")
+        dash = await context.new_page()
+        await dash.goto(url + "/keyhive/")
+        await expect(dash.locator("tr.agent")).to_have_count(1)
+        await expect(dash.locator("tr.event").first).to_be_visible()
+        await expect(dash.locator(".stat").nth(1)).to_contain_text("agents with someone attached")
+        await expect(dash.locator("table.agents th").nth(2)).to_have_text("attachments (owners)")
+        await dash.screenshot(path=str(ARTIFACTS / "dashboard-390.png"), full_page=True)
+        width = await dash.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, f"the dashboard scrolls sideways: {width} px wide"
+        assert await tab.evaluate("document.documentElement.scrollWidth") <= 390
     finally:
         await context.close()

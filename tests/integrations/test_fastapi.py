@@ -539,3 +539,55 @@ async def test_dashboard_shows_every_manager_partitions_and_key_types() -> None:
             assert two["idle_timeout"] == 60
     finally:
         dashboard.close()
+
+
+def test_demo_says_a_busy_port_is_busy(tmp_path: Any) -> None:
+    """The web demo on a port in use exits 1 with 'port N is in use; pass --port N+1' and no 'open' line."""
+    import socket
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, str(root / "examples" / "webapp.py"), "--port", str(port)],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"port {port} is in use; pass --port {port + 1}" in result.stderr
+    assert "open http" not in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+async def test_demo_treats_an_empty_cookie_as_none(tmp_path: Any) -> None:
+    """An empty session cookie gets a fresh session from the page and is refused by the API and socket."""
+    demo = _load_demo()
+    app = demo.create_app(idle=5, storage=f"file://{tmp_path}/cp", name=f"demo-{next(_names)}")
+    sessions: keyhive.InstanceManager = app.state.sessions
+    empty = {"Cookie": f"{demo.COOKIE}="}
+    async with serve(app) as host, httpx.AsyncClient() as client:
+        page = await client.get(f"http://{host}/", headers=empty)
+        assert len(page.cookies[demo.COOKIE]) > 8
+        assert (await client.get(f"http://{host}/api/state", headers=empty)).status_code == 400
+        with pytest.raises(InvalidStatus):
+            await connect(f"ws://{host}/ws", additional_headers=empty)
+        assert (await sessions.stats()).total == 0
+        assert await sessions.lookup("") is None
+
+
+async def test_demo_tells_the_page_why_its_agent_stopped(tmp_path: Any) -> None:
+    """A stop reaches the page as one sentence naming the cause, and every StopReason has one."""
+    demo = _load_demo()
+    assert set(demo.STOP_MESSAGES) == set(keyhive.StopReason)
+    assert all(m.startswith("The ") and m.endswith(".") for m in demo.STOP_MESSAGES.values())
+    app = demo.create_app(idle=5, storage=f"file://{tmp_path}/cp", name=f"demo-{next(_names)}")
+    sessions: keyhive.InstanceManager = app.state.sessions
+    async with serve(app) as host, httpx.AsyncClient() as client:
+        cookie = (await client.get(f"http://{host}/")).cookies[demo.COOKIE]
+        async with connect(f"ws://{host}/ws", additional_headers={"Cookie": f"{demo.COOKIE}={cookie}"}) as ws:
+            assert json.loads(await ws.recv())["type"] == "state"
+            await sessions.stop(cookie)
+            message = json.loads(await asyncio.wait_for(ws.recv(), 5))
+    assert message["type"] == "stopped"
+    assert message["message"] == "The agent was stopped by manager.stop() (the dashboard's stop button)."

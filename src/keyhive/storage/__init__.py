@@ -31,6 +31,7 @@ from ._base import (
     StoredKey,
     TimerIndexStorage,
 )
+from ._driver import query_options, url_flag
 from .file import FileStorage
 from .memory import MemoryStorage
 
@@ -94,6 +95,9 @@ def from_url(url: str) -> Any:
         path = unquote(parts.netloc + parts.path)
         if not path:
             raise ValueError(f"file storage needs a directory: 'file:///path/to/dir', not {url!r}")
+        options = query_options(parts.query, {"create"}, url)
+        if "create" in options:
+            return FileStorage(path, create=url_flag(options["create"], "create", url))
         return FileStorage(path)
     if scheme not in _SCHEMES:
         known = ", ".join(["memory://", "file://", *sorted(f"{s}://" for s in _SCHEMES)])

@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from .._errors import LeaseLost
 from ._base import Checkpoint, Fence, Lease
 
+<<<<<<< HEAD
 __all__ = [
     "LoadBatcher",
     "check_due",
@@ -87,6 +88,9 @@ def lease_lost(fence: Fence, stored: str) -> LeaseLost:
     """The error of a fenced write refused because the lease moved on."""
     return LeaseLost(f"lease {fence.name!r} is no longer held under epoch {fence.epoch} "
                      f"({stored}): nothing was written")
+=======
+__all__ = ["LoadBatcher", "import_driver", "query_options", "split_options", "url_flag"]
+>>>>>>> cli
 
 
 def import_driver(module: str, extra: str) -> ModuleType:
@@ -109,6 +113,14 @@ def query_options(query: str, allowed: set[str], url: str) -> dict[str, str]:
             f"known: {', '.join(sorted(allowed))}"
         )
     return options
+
+
+def url_flag(value: str, name: str, url: str) -> bool:
+    """A boolean URL option: ``true``/``false`` (also ``1``/``0``, ``yes``/``no``)."""
+    flag = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(value.lower())
+    if flag is None:
+        raise ValueError(f"{name} must be true or false in {url!r}, not {value!r}")
+    return flag
 
 
 def split_options(url: str, own: set[str]) -> tuple[dict[str, str], str]:

@@ -7,11 +7,18 @@ import base64
 import contextlib
 import fcntl
 import hashlib
+<<<<<<< HEAD
 import json
 import os
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+=======
+import itertools
+import os
+import tempfile
+from collections.abc import AsyncIterator, Generator, Sequence
+>>>>>>> cli
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +58,16 @@ class FileStorage:
     once), never a lost one.
     """
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], *, create: bool = True) -> None:
         if not isinstance(directory, str | os.PathLike):
             raise TypeError(f"directory must be a path, not {type(directory).__name__}")
         self.directory = Path(directory)
         if str(self.directory) == "":
             raise ValueError("FileStorage needs a directory, e.g. FileStorage('./checkpoints')")
+        if not isinstance(create, bool):
+            raise TypeError(f"create must be True or False, not {create!r}")
+        # create=False: use an existing directory only, never make one (read-only tools).
+        self.create = create
         self._ready = False
         self._closed = False
         self._lock = asyncio.Lock()
@@ -76,9 +87,14 @@ class FileStorage:
         if self._closed:
             raise StorageError(f"{self!r} is closed")
         if not self._ready:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            if not os.access(self.directory, os.W_OK | os.X_OK):
-                raise PermissionError(f"directory {str(self.directory)!r} is not writable")
+            if self.create:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                if not os.access(self.directory, os.W_OK | os.X_OK):
+                    raise PermissionError(f"directory {str(self.directory)!r} is not writable")
+            elif not self.directory.is_dir():
+                # Not mapped to StorageError here: the manager and the tools map OSErrors.
+                raise FileNotFoundError(
+                    f"no checkpoint directory {str(self.directory)!r} (nothing was created)")
             self._ready = True
 
     @staticmethod
@@ -314,14 +330,37 @@ class FileStorage:
         return make_lease(record["name"], record["holder"], record["epoch"], record["acquired_at"],
                           record["expires_at"], record["released"], now)
 
-    def _scan_sync(self, prefix: str) -> Iterator[StoredKey]:
+    def _header(self, entry: os.DirEntry[str]) -> StoredKey | None:
+        """What a checkpoint file says about itself, from its first bytes and its size."""
+        try:
+            with open(entry.path, "rb") as f:
+                # The header: the storage key (manager, partition and key, each at most about
+                # 1 KiB encoded) in base64 and the version; 64 KiB holds it with room to spare.
+                head = f.read(65536)
+                stat = os.fstat(f.fileno())
+        except FileNotFoundError:
+            return None  # deleted while we listed
+        if not head.startswith(_MAGIC):
+            raise StorageError(f"{entry.path} is not a keyhive checkpoint file")
+        rest = head[len(_MAGIC):]
+        key_end = rest.find(b"\n")
+        ver_end = rest.find(b"\n", key_end + 1)
+        if key_end < 0 or ver_end < 0:
+            raise StorageError(f"{entry.path} has no complete keyhive checkpoint header")
+        key = base64.b64decode(rest[:key_end]).decode("utf-8", "surrogatepass")
+        size = stat.st_size - len(_MAGIC) - ver_end - 1
+        return StoredKey(key, int(rest[key_end + 1:ver_end]), size, stat.st_mtime)
+
+    def _scan_sync(self, prefix: str) -> Generator[StoredKey, None, None]:
+        """Every checkpoint under ``prefix``, read lazily with ``os.scandir`` (headers only)."""
         self._prepare()
-        for path in self.directory.glob("*.ckpt"):
-            if path.name.startswith("."):
-                continue
-            entry = self._read(path)
-            if entry is not None and entry[0].startswith(prefix):
-                yield StoredKey(entry[0], entry[1], len(entry[2]), path.stat().st_mtime)
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.name.endswith(".ckpt"):
+                    continue
+                item = self._header(entry)
+                if item is not None and item.key.startswith(prefix):
+                    yield item
 
     async def load(self, key: str) -> Checkpoint | None:
         return await asyncio.to_thread(self._load_sync, key)
@@ -399,8 +438,44 @@ class FileStorage:
         return await asyncio.to_thread(read)
 
     async def iter_keys(self, prefix: str = "") -> AsyncIterator[StoredKey]:
-        for item in await asyncio.to_thread(lambda: list(self._scan_sync(prefix))):
-            yield item
+        """Every key under ``prefix``, in no order: 1,000 files per worker-thread hop."""
+        scan = self._scan_sync(prefix)
+
+        def page() -> list[StoredKey]:
+            return list(itertools.islice(scan, 1000))
+
+        try:
+            while True:
+                items = await asyncio.to_thread(page)
+                for item in items:
+                    yield item
+                if len(items) < 1000:
+                    return
+        finally:
+            # Closes the scandir handle now. ValueError: a cancelled hop's thread is still
+            # inside the generator; it then closes when the generator is collected.
+            with contextlib.suppress(ValueError):
+                scan.close()
+
+    async def ping(self) -> None:
+        """Check the directory exists (made unless ``create=False``) and is writable.
+
+        Raises:
+            StorageError: it is missing, not a directory or not writable; the message names
+                the path, the OS error is ``__cause__``.
+        """
+        def check() -> None:
+            self._prepare()
+            if not os.access(self.directory, os.W_OK | os.X_OK):
+                raise PermissionError(f"directory {str(self.directory)!r} is not writable")
+
+        try:
+            await asyncio.to_thread(check)
+        except OSError as exc:
+            raise StorageError(
+                f"file storage {str(self.directory)!r} is not usable: {exc}; check that the path "
+                "is right and that this user may create and write files in it"
+            ) from exc
 
     async def aclose(self) -> None:
         self._closed = True

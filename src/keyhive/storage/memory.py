@@ -161,9 +161,22 @@ class MemoryStorage:
         return heapq.nsmallest(limit, found, key=lambda s: (s.updated_at or 0.0, s.key))
 
     async def iter_keys(self, prefix: str = "") -> AsyncIterator[StoredKey]:
-        for key, (data, version, updated) in list(self._data.items()):
-            if key.startswith(prefix):
-                yield StoredKey(key, version, len(data), updated)
+        """Every key under ``prefix``, in insertion order.
+
+        It walks a snapshot of the matching key names (one pointer each: the data is in
+        memory anyway) so that saves and deletes between two steps are safe; each entry is
+        read when it is reached, and one deleted meanwhile is skipped.
+        """
+        data = self._data
+        for key in [k for k in data if k.startswith(prefix)]:
+            entry = data.get(key)
+            if entry is not None:
+                yield StoredKey(key, entry[1], len(entry[0]), entry[2])
+
+    async def ping(self) -> None:
+        """Nothing to reach: fails only once the storage is closed."""
+        if self._closed:
+            raise StorageError("MemoryStorage is closed")
 
     async def aclose(self) -> None:
         self._closed = True

@@ -389,18 +389,50 @@ class PostgresStorage:
         return None if row is None else self._lease(name, row)
 
     async def iter_keys(self, prefix: str = "") -> AsyncIterator[StoredKey]:
-        """Every key under ``prefix``, in key order, streamed through a server-side cursor."""
-        pool = await self._get_pool()
+        """Every key under ``prefix``, in key order, in pages of 1,000 (``key > last``).
+
+        Pages, not a cursor: no connection or transaction is held while the caller works
+        between two rows, and a caller that stops early leaves nothing open.
+        """
+        escaped = _escape(prefix)
+        after: str | None = None
+        while True:
+            if after is None:
+                rows = await self._fetch(
+                    "fetch", f"SELECT key, version, length(data), extract(epoch FROM updated_at) "
+                    f"FROM {self.table} WHERE starts_with(key, $1) ORDER BY key LIMIT 1000", escaped)
+            else:
+                rows = await self._fetch(
+                    "fetch", f"SELECT key, version, length(data), extract(epoch FROM updated_at) "
+                    f"FROM {self.table} WHERE starts_with(key, $1) AND key > $2 "
+                    "ORDER BY key LIMIT 1000", escaped, after)
+            for key, version, size, updated in rows:
+                yield StoredKey(_unescape(key), int(version), int(size), float(updated))
+            if len(rows) < 1000:
+                return
+            after = rows[-1][0]
+
+    async def ping(self, *, timeout: float = 10.0) -> None:
+        """Connect (creating the table on first use, as any call does) and run ``SELECT 1``.
+
+        Raises:
+            StorageError: the server cannot be reached or refused us; the message names
+                host, port and database, the driver's exception is ``__cause__``.
+        """
+        parts = urlsplit(self._dsn)
+        where = f"{parts.hostname}:{parts.port or 5432}{parts.path}"
         try:
-            async with pool.acquire() as conn, conn.transaction():
-                async for key, version, size, updated in conn.cursor(
-                    f"SELECT key, version, length(data), extract(epoch FROM updated_at) "
-                    f"FROM {self.table} WHERE starts_with(key, $1) ORDER BY key", _escape(prefix),
-                    prefetch=1000,
-                ):
-                    yield StoredKey(_unescape(key), int(version), int(size), float(updated))
-        except _DRIVER_ERRORS as exc:
-            raise StorageError(f"{self!r}: {exc!r}") from exc
+            async with asyncio.timeout(timeout):
+                await self._fetch("fetchval", "SELECT 1")
+        except (StorageError, TimeoutError) as exc:
+            if self._closed:
+                raise
+            cause = exc.__cause__ if isinstance(exc, StorageError) and exc.__cause__ else exc
+            what = f"no answer within {timeout:g} s" if isinstance(cause, TimeoutError) else repr(cause)
+            raise StorageError(
+                f"cannot reach PostgreSQL at {where}: {what}; is the server running? "
+                "check host/port/user/password/database in the storage URL"
+            ) from cause
 
     async def aclose(self) -> None:
         if self._closed:

@@ -22,6 +22,7 @@ checkpoints durable. A crash of *this* process loses nothing that was acknowledg
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -487,6 +488,26 @@ class RedisStorage:
         """Whether a Redis key is one of the indexes or a lease, not a checkpoint."""
         text = name.decode() if isinstance(name, bytes) else name
         return text in (self._due_index, self._updated_index) or text.startswith(self._lease_prefix)
+
+    async def ping(self, *, timeout: float = 10.0) -> None:
+        """One ``PING`` round trip (``timeout`` seconds at most).
+
+        Raises:
+            StorageError: the server cannot be reached or refused us; the message names
+                host and port, the driver's exception is ``__cause__``.
+        """
+        self._check()
+        kwargs = self._client.connection_pool.connection_kwargs
+        where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+        try:
+            async with asyncio.timeout(timeout):
+                await self._client.ping()
+        except (_exceptions.RedisError, OSError, TimeoutError) as exc:
+            what = f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else repr(exc)
+            raise StorageError(
+                f"cannot reach Redis at {where}: {what}; is the server running? "
+                "check host/port/password (and TLS: rediss://) in the storage URL"
+            ) from exc
 
     async def iter_keys(self, prefix: str = "") -> AsyncIterator[StoredKey]:
         """Every key under ``prefix``, streamed with SCAN (no order)."""

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from .._errors import ConflictError, StorageError
 from ._base import Checkpoint, Fence, Lease, SaveItem, StoredKey
@@ -39,6 +39,7 @@ from ._driver import (
     lease_lost,
     make_lease,
     query_options,
+    url_flag,
 )
 
 __all__ = ["SQLiteStorage"]
@@ -69,7 +70,7 @@ class SQLiteStorage:
     """Checkpoints in one SQLite table. See the module docstring for the guarantees."""
 
     def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "normal",
-                 busy_timeout: float = 5.0, table: str = _TABLE) -> None:
+                 busy_timeout: float = 5.0, table: str = _TABLE, create: bool = True) -> None:
         if not isinstance(path, str | os.PathLike):
             raise TypeError(f"path must be a str or path, not {type(path).__name__}")
         self.path = str(path)
@@ -84,6 +85,11 @@ class SQLiteStorage:
         if not table.isidentifier():
             raise ValueError(f"table must be a plain identifier, not {table!r}")
         self._table = table
+        if not isinstance(create, bool):
+            raise TypeError(f"create must be True or False, not {create!r}")
+        # create=False: open an existing keyhive database only; never make a file or a table
+        # (what read-only tools such as `keyhive ls` need).
+        self.create = create
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
         self._closed = False
@@ -92,7 +98,7 @@ class SQLiteStorage:
     @classmethod
     def from_url(cls, url: str) -> SQLiteStorage:
         """``sqlite:///relative.db``, ``sqlite:////absolute/path.db``, with options
-        ``?synchronous=normal|full&busy_timeout=5``."""
+        ``?synchronous=normal|full&busy_timeout=5&create=true|false``."""
         parts = urlsplit(url)
         if parts.netloc:
             raise ValueError(
@@ -101,8 +107,10 @@ class SQLiteStorage:
         path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
         if not path:
             raise ValueError(f"sqlite URL needs a file path, e.g. 'sqlite:///agents.db', not {url!r}")
-        options = query_options(parts.query, {"synchronous", "busy_timeout"}, url)
+        options = query_options(parts.query, {"synchronous", "busy_timeout", "create"}, url)
         kwargs: dict[str, Any] = {}
+        if "create" in options:
+            kwargs["create"] = url_flag(options["create"], "create", url)
         if "synchronous" in options:
             kwargs["synchronous"] = options["synchronous"]
         if "busy_timeout" in options:
@@ -125,19 +133,33 @@ class SQLiteStorage:
             parent = Path(self.path).expanduser().resolve().parent
             if not parent.is_dir():
                 raise FileNotFoundError(f"directory {str(parent)!r} does not exist")
-        conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None,
-                               check_same_thread=False)
+            if not self.create and not Path(self.path).expanduser().is_file():
+                raise FileNotFoundError(f"no SQLite database file {self.path!r} (nothing was created)")
+        if self.create:
+            conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None,
+                                   check_same_thread=False)
+        else:  # mode=rw: SQLite itself refuses to create the file, even in a race
+            uri = "file:" + quote(str(Path(self.path).expanduser())) + "?mode=rw"
+            conn = sqlite3.connect(uri, timeout=self._busy_timeout, isolation_level=None,
+                                   check_same_thread=False, uri=True)
         try:
             # The busy timeout goes first, before any statement touches the file.
             conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout * 1000)}")
-            self._switch_to_wal(conn)
+            if self.create:
+                self._switch_to_wal(conn)
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
-            conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {self._table} ("
-                "key TEXT PRIMARY KEY, data BLOB NOT NULL, version INTEGER NOT NULL, "
-                "updated_at REAL NOT NULL) WITHOUT ROWID"
-            )
-            self._create_index_tables(conn)
+            if self.create:
+                conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {self._table} ("
+                    "key TEXT PRIMARY KEY, data BLOB NOT NULL, version INTEGER NOT NULL, "
+                    "updated_at REAL NOT NULL) WITHOUT ROWID"
+                )
+                self._create_index_tables(conn)
+            elif conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                              (self._table,)).fetchone() is None:
+                raise sqlite3.OperationalError(
+                    f"{self.path!r} is a SQLite database without a {self._table} table "
+                    "(not a keyhive database, or nothing was ever saved to it)")
         except BaseException:
             conn.close()
             raise
@@ -439,6 +461,25 @@ class SQLiteStorage:
             return make_lease(name, holder, epoch, since, expires, released, time.time())
 
         return await self._run(read)
+
+    async def ping(self) -> None:
+        """Open the database (creating it unless ``create=False``) and run ``SELECT 1``.
+
+        Raises:
+            StorageError: it cannot be opened or is not a keyhive SQLite database; the
+                message names the path, the driver's exception is ``__cause__``.
+        """
+        try:
+            await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+        except StorageError as exc:
+            cause = exc.__cause__
+            if cause is None:  # closed
+                raise
+            raise StorageError(
+                f"cannot open SQLite database {self.path!r}: {cause}; check that the path is "
+                "right, that its directory exists and is writable, and that the file is a "
+                "SQLite database"
+            ) from cause
 
     async def iter_keys(self, prefix: str = "") -> AsyncIterator[StoredKey]:
         """Every key starting with ``prefix``, in key order, read in pages of 1,000."""

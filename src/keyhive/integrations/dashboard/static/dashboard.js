@@ -57,7 +57,9 @@
     return el("div", {}, root, axis);
   }
 
-  async function stopAgent(id, button) {
+  async function stopAgent(id, key, button) {
+    if (!confirm(`Stop agent ${key}?\n\nIt hibernates (its state is saved) and stops; ` +
+                 "the next get thaws it.")) return;
     button.disabled = true;
     try {
       const r = await fetch(new URL("api/stop", location.href), {
@@ -76,7 +78,7 @@
         m.idle_timeout === null ? "none" : m.idle_timeout + " s"} · storage ${m.storage || "off"}`)));
     const stats = el("div", { class: "mhead" });
     const add = (v, label, cls) => stats.append(el("div", { class: "stat" }, el("span", { class: cls || "big" }, v), el("span", {}, label)));
-    add(m.count, "live"); add(m.attached, "attached");
+    add(m.count, "live agents"); add(m.attached, "agents with someone attached");
     add(c.started || 0, "started", "big k-started"); add(c.thawed || 0, "thawed", "big k-thawed");
     add(c.hibernated || 0, "hibernated", "big k-hibernated");
     add((c.thaw_failures || 0) + (c.hibernate_failures || 0), "failures", "big k-thaw_failed");
@@ -92,7 +94,7 @@
     const right = el("div", {});
     right.append(el("h3", {}, `Live agents (${m.count})`));
     const t = el("table", { class: "agents" });
-    t.append(el("thead", {}, el("tr", {}, ...["key", "partition", "attachments", "idle timeout in", "last activity", ""].map(h => el("th", {}, h)))));
+    t.append(el("thead", {}, el("tr", {}, ...["key", "partition", "attachments (owners)", "idle timeout in", "last activity", ""].map(h => el("th", {}, h)))));
     const tb = el("tbody", {});
     if (!m.agents.length) tb.append(el("tr", {}, el("td", { class: "empty", colSpan: 6 }, "no live agents")));
     for (const a of m.agents) {
@@ -104,7 +106,7 @@
       const action = el("td", {});
       if (allowStop) {
         const b = el("button", { class: "stop", title: "hibernate and stop this agent" }, "stop");
-        b.addEventListener("click", () => stopAgent(a.id, b));
+        b.addEventListener("click", () => stopAgent(a.id, a.key, b));
         action.append(b);
       }
       tb.append(el("tr", { class: "agent", "data-key": a.key },
@@ -112,7 +114,7 @@
         el("td", { class: "attachments" }, a.attachments), idle, last, action));
     }
     t.append(tb);
-    right.append(t);
+    right.append(el("div", { class: "scroll" }, t));
     if (m.truncated) right.append(el("div", { class: "meta" }, `… and ${m.truncated} more`));
 
     right.append(el("h3", {}, "Recently stopped"));
@@ -127,7 +129,7 @@
         el("td", { "data-ago": s.ago })));
     }
     st.append(sb);
-    right.append(st);
+    right.append(el("div", { class: "scroll" }, st));
     card.append(el("div", { class: "row" }, left, right));
     return card;
   }
