@@ -70,8 +70,13 @@ class _Shard:
         fut: asyncio.Future[Any] = loop.create_future()
         self.queue.append((op, fut))
         if not self.scheduled and self.busy < _IN_FLIGHT:
-            self.scheduled = True
-            loop.call_soon(self.flush)
+            if self.busy == 0:
+                # an idle shard: send at once (a lone caller saves a loop iteration); what
+                # comes next while this is in flight is coalesced below
+                self.flush()
+            else:
+                self.scheduled = True
+                loop.call_soon(self.flush)
         return fut
 
     def flush(self) -> None:
@@ -79,28 +84,31 @@ class _Shard:
         if not self.queue or self.busy >= _IN_FLIGHT:
             return
         batch, self.queue = self.queue, []
-        self.busy += 1
-        self.mgr._spawn(self.send(batch))
-
-    async def send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         try:
-            try:
-                instance, results = await self.handle.batch.remote([op for op, _ in batch])
-            except _dead_errors() as exc:
-                self.died(exc)
-                for _, fut in batch:
-                    if not fut.done():
-                        err = AgentStopped(f"shard host {self.name} died with this call in flight")
-                        err.__cause__ = exc
-                        fut.set_exception(err)
+            pending = self.handle.batch.remote([op for op, _ in batch])
+        except Exception as exc:  # the handle itself failed (Ray shut down)
+            self.failed(batch, exc)
+            return
+        self.busy += 1
+        loop = self.mgr._loop
+        assert loop is not None
+
+        # Ray completes the future in its own thread: hand the result to our loop. A
+        # callback, not a task per batch (measured: ~0.1 ms less per lone call).
+        def landed(done: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self.landed, batch, done)
+
+        pending.future().add_done_callback(landed)
+
+    def landed(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]], done: Any) -> None:
+        self.busy -= 1
+        try:
+            exc = done.exception()
+            if exc is not None:
+                self.failed(batch, exc)
                 return
-            except Exception as exc:
-                for _, fut in batch:
-                    if not fut.done():
-                        failed = StorageError(f"shard host {self.name} failed: {exc!r}")
-                        failed.__cause__ = exc
-                        fut.set_exception(failed)
-                return
+            instance, results = done.result()
             self.seen(instance)
             for (_, fut), (status, value) in zip(batch, results, strict=True):
                 if status == 2:
@@ -112,9 +120,21 @@ class _Shard:
                 else:
                     fut.set_exception(load_error(value, f"shard host {self.name}"))
         finally:
-            self.busy -= 1
             if self.queue and not self.scheduled:
                 self.flush()
+
+    def failed(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]], exc: BaseException) -> None:
+        """A batch that got no results: in flight to a host that died, or Ray failed."""
+        dead = isinstance(exc, _dead_errors())
+        if dead:
+            self.died(exc)
+        for _, fut in batch:
+            if fut.done():
+                continue
+            err: Exception = (AgentStopped(f"shard host {self.name} died with this call in flight")
+                              if dead else StorageError(f"shard host {self.name} failed: {exc!r}"))
+            err.__cause__ = exc
+            fut.set_exception(err)
 
     async def collect(self, ticket: int, fut: asyncio.Future[Any]) -> None:
         try:
