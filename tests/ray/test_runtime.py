@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import signal
 import subprocess
@@ -178,6 +179,40 @@ async def test_idle_timeout_runs_on_the_host(make_ray_manager: Any) -> None:
             await manager.shutdown_hosts()
 
 
+async def test_renewal_reports_stopped_incarnations(make_ray_manager: Any) -> None:
+    """A ref nobody calls learns from the owner-renewal round trip that its incarnation stopped."""
+    manager = make_ray_manager(idle_timeout=0.3, owner_ttl=0.6)
+    async with manager:
+        try:
+            ref = await manager.get("quiet")
+            deadline = time.monotonic() + 5
+            while ref.alive and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # no call through the ref: only renewals can tell
+            assert ref.stop_reason is keyhive.StopReason.IDLE_TIMEOUT
+        finally:
+            await manager.shutdown_hosts()
+
+
+async def test_cast_touch_detach_and_subscribe(ray_manager: RayManager) -> None:
+    """cast queues on the host, touch and a detach of a non-owner are harmless, subscribe says what to do."""
+    ref = await ray_manager.get("c")
+    await ref.cast("incr")
+    await ref.cast("incr")
+    assert await ref.call("get") == 2
+    with pytest.raises(keyhive.CodecError):
+        await ref.cast({1})
+    ref.touch()
+    await ref.detach(object())  # never attached: nothing happens
+    owner = object()
+    await ref.attach(owner)
+    await ref.attach(owner)  # idempotent per owner
+    assert (await ray_manager.stats()).attached == 1
+    await ref.detach(owner)
+    assert (await ray_manager.stats()).attached == 0
+    with pytest.raises(NotImplementedError, match="poll"):
+        ray_manager.subscribe(lambda event: None)
+
+
 async def test_closed_manager_refuses(make_ray_manager: Any) -> None:
     """A Ray manager that is not running raises ManagerClosed, and a same-named one is refused."""
     manager = make_ray_manager()
@@ -227,14 +262,19 @@ async def test_shard_host_killed_mid_traffic(make_ray_manager: Any, tmp_path: Pa
     """A killed shard host fails its in-flight calls with AgentStopped, the next get thaws, nothing saved is lost."""
     import ray
 
-    manager = make_ray_manager(storage=f"sqlite:///{tmp_path / 'k.db'}", shards=1)
+    # checkpoint="turn" makes every acknowledged call durable; where this keyhive does not
+    # have it yet, manager.stop() after the calls is the durable point.
+    per_turn = "checkpoint" in inspect.signature(keyhive.InstanceManager.__init__).parameters
+    extra = {"checkpoint": "turn"} if per_turn else {}
+    manager = make_ray_manager(storage=f"sqlite:///{tmp_path / 'k.db'}", shards=1, **extra)
     async with manager:
         try:
             ref = await manager.get("acct")
             for _ in range(5):
                 await ref.call("incr")
-            await manager.stop("acct")  # durable point (until checkpoint="turn" exists)
-            ref = await manager.get("acct")
+            if not per_turn:
+                await manager.stop("acct")
+                ref = await manager.get("acct")
             in_flight = [asyncio.ensure_future(ref.call({"sleep": 3.0}, timeout=20)) for _ in range(3)]
             in_flight.append(asyncio.ensure_future(manager.call("acct", {"sleep": 3.0}, timeout=20)))
             await asyncio.sleep(0.5)
