@@ -530,8 +530,10 @@ class RayManager(InstanceManager):
         fut = self._shards[shard].submit(op)
         if timeout is None:
             return await fut
+        # A timeout cancels only this future: the operation was sent (or goes with the next
+        # batch) and runs to completion on the host; its late result is dropped.
         async with asyncio.timeout(timeout):
-            return await asyncio.shield(fut)
+            return await fut
 
     def _shard_of(self, key: Any, partition: Any) -> int:
         return shard_of(self.name, partition, key, self._runtime.shards)
