@@ -193,8 +193,29 @@ async def test_renewal_reports_stopped_incarnations(make_ray_manager: Any) -> No
             await manager.shutdown_hosts()
 
 
-async def test_cast_touch_detach_and_subscribe(ray_manager: RayManager) -> None:
-    """cast queues on the host, touch and a detach of a non-owner are harmless, subscribe says what to do."""
+async def test_subscribe_gets_host_events(ray_manager: RayManager) -> None:
+    """subscribe delivers the shard hosts' lifecycle events (polled), and unsubscribe ends them."""
+    events: list[keyhive.Event] = []
+    unsubscribe = ray_manager.subscribe(events.append)
+    await asyncio.sleep(0.6)  # the first poll sets the cursors
+    await ray_manager.get("ev")
+    await ray_manager.stop("ev")
+    deadline = time.monotonic() + 5
+    while len(events) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert [(e.kind, e.key, e.manager) for e in events] == [
+        (keyhive.EventKind.STARTED, "ev", ray_manager.name), (keyhive.EventKind.STOPPED, "ev", ray_manager.name)]
+    assert events[1].reason is keyhive.StopReason.STOPPED
+    unsubscribe()
+    await ray_manager.get("ev2")
+    await asyncio.sleep(0.6)
+    assert len(events) == 2
+    with pytest.raises(TypeError):
+        ray_manager.subscribe(None)  # type: ignore[arg-type]
+
+
+async def test_cast_touch_detach(ray_manager: RayManager) -> None:
+    """cast queues on the host; touch and a detach of an owner that never attached are harmless."""
     ref = await ray_manager.get("c")
     await ref.cast("incr")
     await ref.cast("incr")
@@ -209,8 +230,6 @@ async def test_cast_touch_detach_and_subscribe(ray_manager: RayManager) -> None:
     assert (await ray_manager.stats()).attached == 1
     await ref.detach(owner)
     assert (await ray_manager.stats()).attached == 0
-    with pytest.raises(NotImplementedError, match="poll"):
-        ray_manager.subscribe(lambda event: None)
 
 
 async def test_closed_manager_refuses(make_ray_manager: Any) -> None:

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _manager as _core
 from .._agent import Agent
-from .._errors import AgentStopped, ManagerClosed, StorageError
-from .._events import Event, StopReason
+from .._errors import AgentStopped, KeyhiveError, ManagerClosed
+from .._events import Event, EventKind, StopReason
 from .._manager import InstanceManager, Stats
 from ..storage import from_url
 from ._hash import shard_of
-from ._wire import load_error
+from ._wire import RemoteError, load_error
 
 if TYPE_CHECKING:
     from . import RayRuntime
@@ -36,6 +36,7 @@ logger = logging.getLogger("keyhive")
 
 _OMITTED: Any = _core._OMITTED  # the same "storage omitted" marker as the core
 _IN_FLIGHT = 2  # batches on their way to one shard at once
+_EVENT_POLL = 0.25  # seconds between polls of the shard hosts' lifecycle events
 
 
 def _ray() -> Any:
@@ -132,7 +133,7 @@ class _Shard:
             if fut.done():
                 continue
             err: Exception = (AgentStopped(f"shard host {self.name} died with this call in flight")
-                              if dead else StorageError(f"shard host {self.name} failed: {exc!r}"))
+                              if dead else KeyhiveError(f"shard host {self.name} failed: {exc!r}"))
             err.__cause__ = exc
             fut.set_exception(err)
 
@@ -399,6 +400,7 @@ class RayManager(InstanceManager):
         self._owners: dict[object, _Owner] = {}
         self._owner_seq = 0
         self._renewer: asyncio.Task[None] | None = None
+        self._poller: asyncio.Task[None] | None = None
         self._ray_state = "new"
 
     def __repr__(self) -> str:
@@ -457,7 +459,11 @@ class RayManager(InstanceManager):
             infos = await asyncio.gather(*(s.handle.info.remote() for s in shards))
         except Exception as exc:
             self._shards = []
-            raise StorageError(f"the shard hosts of {self.name!r} could not start: {exc!r}") from exc
+            raise KeyhiveError(
+                f"the shard hosts of {self.name!r} could not start: {exc!r}. The cluster's workers "
+                f"must be able to import {self.agent.__module__} (PYTHONPATH, or "
+                f"RayRuntime(actor_options={{'runtime_env': ...}}))"
+            ) from exc
         for shard, info in zip(shards, infos, strict=True):
             shard.instance = info["instance"]
         if not infos[0]["lease_hooks"]:
@@ -467,6 +473,8 @@ class RayManager(InstanceManager):
         self._ray_state = "running"
         _core._running[self.name] = self  # keyhive.get_manager(name) finds it
         self._renewer = self._spawn(self._renew_loop())
+        if self._listeners:
+            self._poller = self._spawn(self._poll_events())
 
     async def __aenter__(self) -> RayManager:
         await self.start()
@@ -485,6 +493,9 @@ class RayManager(InstanceManager):
             del _core._running[self.name]
         if self._renewer is not None:
             self._renewer.cancel()
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
         detaches = []
         for entry in list(self._owners.values()):
             for ref in list(entry.refs):
@@ -720,13 +731,50 @@ class RayManager(InstanceManager):
         return out
 
     def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
-        """Lifecycle events are not forwarded from shard hosts yet.
+        """Call ``callback(event)`` for every lifecycle event on every shard host.
 
-        Raises:
-            NotImplementedError: always; subscribe on a local manager, or poll ``stats()``.
+        Events are polled from the hosts every ``_EVENT_POLL`` seconds, so they arrive that
+        late, stamped with this loop's time; ``error`` is a :class:`RemoteError` with the
+        original's repr. Returns the unsubscribe function.
         """
-        raise NotImplementedError(
-            "RayManager.subscribe: lifecycle events stay on the shard hosts for now; poll "
-            "await manager.stats() / await manager.agents() instead"
-        )
+        if not callable(callback):
+            raise TypeError("subscribe() takes a callable")
+        self._listeners = (*self._listeners, callback)
+        if self.running and self._poller is None:
+            self._poller = self._spawn(self._poll_events())
 
+        def unsubscribe() -> None:
+            listeners = list(self._listeners)
+            if callback in listeners:
+                listeners.remove(callback)
+                self._listeners = tuple(listeners)
+
+        return unsubscribe
+
+    async def _poll_events(self) -> None:
+        cursors: list[tuple[str | None, int | None]] = [(None, None)] * len(self._shards)
+        while self._ray_state == "running" and self._listeners:
+            found = await asyncio.gather(
+                *(s.handle.events.remote(cursors[s.index][1]) for s in self._shards),
+                return_exceptions=True)
+            assert self._loop is not None
+            for shard, item in zip(self._shards, found, strict=True):
+                if isinstance(item, BaseException):
+                    continue
+                instance, seq, rows = item
+                known, _ = cursors[shard.index]
+                if known is not None and instance != known:  # restarted: its events from the start
+                    cursors[shard.index] = (instance, 0)
+                    continue
+                cursors[shard.index] = (instance, seq)
+                for _, kind, key, partition, reason, error in rows:
+                    event = Event(EventKind(kind), self.name, key, partition, self._loop.time(),
+                                  None if reason is None else StopReason(reason),
+                                  None if error is None else RemoteError(error, "remote"))
+                    for callback in self._listeners:
+                        try:
+                            callback(event)
+                        except Exception:
+                            logger.exception("keyhive: %s: event callback %r failed", self.name, callback)
+            await asyncio.sleep(_EVENT_POLL)
+        self._poller = None

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +41,7 @@ _BATCH_WAIT = 0.01  # seconds a batch waits for its slowest operation before def
 _SWEEP_EVERY = 0.1  # seconds between sweeps of expired owners
 _KEEP_UNCOLLECTED = 60.0  # seconds a deferred result waits for a client that may be gone
 _GONE_KEPT = 100_000  # stopped incarnations whose reasons are remembered for renewals
+_EVENTS_KEPT = 10_000  # lifecycle events kept for clients that poll them (manager.subscribe)
 
 Ok = tuple[int, Any]
 
@@ -67,6 +68,9 @@ class ShardHost:
         self._deferred: dict[int, asyncio.Task[Ok]] = {}
         self._tickets = 0
         self._sweeper: asyncio.Task[None] | None = None
+        self._events: deque[tuple[int, str, Any, Any, str | None, str | None]] = deque(maxlen=_EVENTS_KEPT)
+        self._event_seq = 0
+        self._recording = False  # set by the first events() call: no cost until someone subscribes
 
     # -- the local manager ------------------------------------------------------------
 
@@ -94,6 +98,11 @@ class ShardHost:
         return self._mgr
 
     def _on_event(self, event: Event) -> None:
+        if self._recording:
+            self._event_seq += 1
+            self._events.append((self._event_seq, str(event.kind), event.key, event.partition,
+                                 None if event.reason is None else str(event.reason),
+                                 None if event.error is None else repr(event.error)))
         if event.kind is EventKind.STOPPED:
             n = self._by_key.pop((event.partition, event.key), None)
             if n is not None:
@@ -286,6 +295,14 @@ class ShardHost:
             out.append((self._number(ref), ref.key, ref.partition, ref.attachments,
                         None if deadline is None else max(0.0, deadline - now)))
         return self._instance, out
+
+    async def events(self, after: int | None) -> tuple[str, int, list[tuple[Any, ...]]]:
+        """Lifecycle events numbered above ``after`` (``None``: none, just the current number)."""
+        await self._manager()
+        self._recording = True
+        if after is None:
+            return self._instance, self._event_seq, []
+        return self._instance, self._event_seq, [e for e in self._events if e[0] > after]
 
     async def shutdown(self) -> None:
         """Hibernate every agent of this shard and close the local manager (before a kill)."""
