@@ -29,6 +29,13 @@ def test_import_keyhive_does_not_import_ray() -> None:
     assert out.stdout.strip() == "False"
 
 
+def test_missing_ray_names_the_extra() -> None:
+    """Without Ray installed, importing keyhive.ray fails with the pip command to run."""
+    code = "import sys; sys.modules['ray'] = None\ntry:\n import keyhive.ray\nexcept ImportError as e: print(e)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'keyhive[ray]'" in out.stdout
+
+
 @pytest.mark.parametrize(("kwargs", "error", "says"), [
     ({"shards": 0}, ValueError, "shards must be >= 1"),
     ({"shards": "4"}, TypeError, "shards must be an int"),

@@ -584,7 +584,10 @@ class RayManager(InstanceManager):
         ttl = self._runtime.owner_ttl
         while self._ray_state == "running":
             await asyncio.sleep(ttl / 3)
-            await self._renew_once(ttl)
+            try:
+                await self._renew_once(ttl)
+            except Exception:  # Ray itself failing: keep trying, the hosts keep the ttl
+                logger.exception("keyhive: %s: renewing owners failed", self.name)
 
     async def _renew_once(self, ttl: float) -> None:
         owners: list[list[str]] = [[] for _ in self._shards]
@@ -754,12 +757,16 @@ class RayManager(InstanceManager):
     async def _poll_events(self) -> None:
         cursors: list[tuple[str | None, int | None]] = [(None, None)] * len(self._shards)
         while self._ray_state == "running" and self._listeners:
-            found = await asyncio.gather(
-                *(s.handle.events.remote(cursors[s.index][1]) for s in self._shards),
-                return_exceptions=True)
+            try:
+                found = await asyncio.gather(
+                    *(s.handle.events.remote(cursors[s.index][1]) for s in self._shards),
+                    return_exceptions=True)
+            except Exception:  # Ray itself failing (submission): try again at the next poll
+                logger.exception("keyhive: %s: polling events failed", self.name)
+                found = [None] * len(self._shards)
             assert self._loop is not None
             for shard, item in zip(self._shards, found, strict=True):
-                if isinstance(item, BaseException):
+                if item is None or isinstance(item, BaseException):
                     continue
                 instance, seq, rows = item
                 known, _ = cursors[shard.index]
