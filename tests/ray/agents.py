@@ -9,18 +9,11 @@ import keyhive
 
 
 class Boom(Exception):
-    """Raised by a handler on purpose; its type must reach the caller."""
+    """Raised by a handler on purpose; its type and attributes must reach the caller."""
 
-
-class Unrebuildable(Exception):
-    """An exception whose constructor needs two arguments: pickle cannot rebuild it."""
-
-    def __init__(self, a: int, b: int) -> None:
-        super().__init__(f"{a}+{b}")
-        self.total = a + b
-
-    def __reduce__(self) -> Any:
-        raise TypeError("not picklable")
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Counter(keyhive.Agent):
@@ -36,9 +29,12 @@ class Counter(keyhive.Agent):
         if message == "get":
             return self.state["count"]
         if message == "boom":
-            raise Boom("boom from the handler")
+            raise Boom("boom from the handler", code=7)
         if message == "unrebuildable":
-            raise Unrebuildable(1, 2)
+            class Unrebuildable(Exception):  # a local class: no process but this one can name it
+                pass
+
+            raise Unrebuildable("1+2")
         if message == "bad-reply":
             return {1, 2}
         if isinstance(message, dict) and "sleep" in message:

@@ -117,10 +117,14 @@ async def test_errors_cross_processes(ray_manager: RayManager) -> None:
     ref = await ray_manager.get("e")
     with pytest.raises(Boom, match="boom from the handler") as info:
         await ref.call("boom")
+    assert info.value.code == 7 and info.value.args == ("boom from the handler",)
     assert any("shard host" in note for note in info.value.__notes__)
     with pytest.raises(RemoteError, match="Unrebuildable: 1\\+2") as remote:
         await ray_manager.call("e", "unrebuildable")
-    assert remote.value.type_name == "tests.ray.agents.Unrebuildable"
+    assert remote.value.type_name == "tests.ray.agents.Counter.handle.<locals>.Unrebuildable"
+    with pytest.raises(keyhive.NotFound, match="no live agent") as missing:  # keyhive errors exactly
+        await ray_manager.stop("nobody")
+    assert type(missing.value) is keyhive.NotFound
     assert await ref.call("incr") == 1
     with pytest.raises(TypeError, match="key must be str"):
         await ray_manager.get(1.5)
