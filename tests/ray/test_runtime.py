@@ -179,11 +179,15 @@ async def test_attach_stats_and_agents(ray_manager: RayManager) -> None:
 
 
 async def test_idle_timeout_runs_on_the_host(make_ray_manager: Any) -> None:
-    """idle_timeout passes through to the shard hosts: an unattached agent stops, wait_stopped says so."""
-    manager = make_ray_manager(idle_timeout=0.3)
+    """idle_timeout passes through to the shard hosts: agents() shows the deadline, the agent stops, wait_stopped says so."""
+    manager = make_ray_manager(idle_timeout=0.5)
     async with manager:
         try:
             ref = await manager.get("idle")
+            listed = await manager.agents()
+            now = asyncio.get_running_loop().time()
+            assert listed == [ref] and listed[0].idle_deadline is not None
+            assert now < listed[0].idle_deadline <= now + 0.5  # in this loop's time
             assert await asyncio.wait_for(ref.wait_stopped(), 10) is keyhive.StopReason.IDLE_TIMEOUT
             assert not ref.alive
         finally:
