@@ -1,0 +1,330 @@
+"""The shard host: one Ray actor running a local InstanceManager for the keys of one shard.
+
+Clients send it batches of operations (``batch``); it runs a batch's operations
+concurrently on its local manager and answers with one list of results. An operation
+still running after ``_BATCH_WAIT`` seconds (a slow handler, ``wait_stopped``) is left
+running and answered through ``collect``, so that one slow turn never holds up the
+replies of the rest of its batch.
+
+Incarnations are named ``(instance, n)``: ``instance`` is fresh for every start of this
+actor (a Ray restart is a new instance), ``n`` counts the incarnations it has handed out.
+Attachments from clients are owner ids renewed by ``renew``; one not renewed within its
+ttl is detached by the host's sweeper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import logging
+import os
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Mapping
+from typing import Any
+
+from .._agent import Agent
+from .._errors import AgentStopped
+from .._events import Event, EventKind, StopReason
+from .._manager import InstanceManager
+from .._ref import AgentRef
+from ._wire import dump_error
+
+__all__ = ["ShardHost"]
+
+logger = logging.getLogger("keyhive")
+
+_BATCH_WAIT = 0.01  # seconds a batch waits for its slowest operation before deferring it
+_SWEEP_EVERY = 0.1  # seconds between sweeps of expired owners
+_KEEP_UNCOLLECTED = 60.0  # seconds a deferred result waits for a client that may be gone
+_GONE_KEPT = 100_000  # stopped incarnations whose reasons are remembered for renewals
+_EVENTS_KEPT = 10_000  # lifecycle events kept for clients that poll them (manager.subscribe)
+
+Ok = tuple[int, Any]
+
+
+class ShardHost:
+    """One shard of a Ray-run manager (``keyhive:{manager}:{shard}``)."""
+
+    def __init__(self, name: str, agent: type[Agent], shard: int, options: Mapping[str, Any]) -> None:
+        self._name = name
+        self._agent = agent
+        self._shard = shard
+        self._options = dict(options)
+        self._instance = uuid.uuid4().hex[:12]
+        self._mgr: InstanceManager | None = None
+        self._starting: asyncio.Lock | None = None
+        self._lease_hooks = False
+        self._next = 0
+        self._inc: dict[int, AgentRef] = {}
+        self._num: dict[AgentRef, int] = {}
+        self._by_key: dict[tuple[Any, Any], int] = {}
+        self._gone: OrderedDict[int, str] = OrderedDict()
+        self._owners: dict[str, dict[int, AgentRef]] = {}
+        self._expiry: dict[str, float] = {}
+        self._deferred: dict[int, asyncio.Task[Ok]] = {}
+        self._tickets = 0
+        self._sweeper: asyncio.Task[None] | None = None
+        self._events: deque[tuple[int, str, Any, Any, str | None, str | None]] = deque(maxlen=_EVENTS_KEPT)
+        self._event_seq = 0
+        self._recording = False  # set by the first events() call: no cost until someone subscribes
+
+    # -- the local manager ------------------------------------------------------------
+
+    async def _manager(self) -> InstanceManager:
+        mgr = self._mgr
+        if mgr is not None:
+            return mgr
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._mgr is None:
+                opts = dict(self._options)
+                params = inspect.signature(InstanceManager.__init__).parameters
+                if "_shard" in params and "_takeover" in params:
+                    # lease (name, shard), taken over at once: Ray declared the old host dead
+                    opts["_shard"] = self._shard
+                    opts["_takeover"] = True
+                    self._lease_hooks = True
+                mgr = InstanceManager(self._name, self._agent, **opts)
+                await mgr.start()
+                mgr.subscribe(self._on_event)
+                self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+                self._mgr = mgr
+        assert self._mgr is not None
+        return self._mgr
+
+    def _on_event(self, event: Event) -> None:
+        if self._recording:
+            self._event_seq += 1
+            self._events.append((self._event_seq, str(event.kind), event.key, event.partition,
+                                 None if event.reason is None else str(event.reason),
+                                 None if event.error is None else repr(event.error)))
+        if event.kind is EventKind.STOPPED:
+            n = self._by_key.pop((event.partition, event.key), None)
+            if n is not None:
+                self._forget(n, event.reason)
+
+    def _forget(self, n: int, reason: StopReason | None) -> None:
+        ref = self._inc.pop(n, None)
+        if ref is not None:
+            self._num.pop(ref, None)
+        gone = self._gone
+        gone[n] = str(reason or StopReason.STOPPED)
+        if len(gone) > _GONE_KEPT:
+            gone.popitem(last=False)
+
+    def _number(self, ref: AgentRef) -> int:
+        """The incarnation number of a local ref, handed out on first sight."""
+        n = self._num.get(ref)
+        if n is not None:
+            return n
+        self._next += 1
+        n = self._next
+        if not ref.alive:  # stopped between the get and here
+            self._gone[n] = str(ref.stop_reason or StopReason.STOPPED)
+            return n
+        self._inc[n] = ref
+        self._num[ref] = n
+        slot = (ref.partition, ref.key)
+        old = self._by_key.get(slot)
+        if old is not None and old != n:
+            self._forget(old, self._inc[old].stop_reason if old in self._inc else None)
+        self._by_key[slot] = n
+        return n
+
+    def _ref(self, instance: str, n: int) -> AgentRef:
+        ref = self._inc.get(n) if instance == self._instance else None
+        if ref is not None and ref.alive:
+            return ref
+        if instance != self._instance:
+            reason = str(StopReason.LEASE_LOST)
+        else:
+            reason = self._gone.get(n) or str(ref.stop_reason if ref is not None else StopReason.STOPPED)
+        exc = AgentStopped(f"agent incarnation {instance}.{n} of {self._name!r} has stopped ({reason})")
+        exc.stop_reason = reason  # type: ignore[attr-defined]  # read by the client's RemoteRef
+        raise exc
+
+    # -- the remote methods -------------------------------------------------------------
+
+    async def info(self) -> dict[str, Any]:
+        """Who this host is: ``instance``, ``pid``, ``shard``, whether lease hooks are in use."""
+        await self._manager()
+        return {"instance": self._instance, "pid": os.getpid(), "shard": self._shard,
+                "lease_hooks": self._lease_hooks}
+
+    async def batch(self, ops: list[tuple[Any, ...]]) -> tuple[str, list[Ok]]:
+        """Run ``ops`` concurrently; one result each: ``(0, value)``, ``(1, error)`` or
+        ``(2, ticket)`` (still running: ``collect(ticket)``)."""
+        mgr = await self._manager()
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(self._run(mgr, op)) for op in ops]
+        # One loop iteration runs every task's first step: a turn that does not suspend is
+        # done by then, and the common batch needs no wait (no timer, no waiter future).
+        await asyncio.sleep(0)
+        running = [task for task in tasks if not task.done()]
+        if running:
+            await asyncio.wait(running, timeout=_BATCH_WAIT)
+        results: list[Ok] = []
+        for task in tasks:
+            if task.done():
+                results.append(task.result())
+                continue
+            self._tickets += 1
+            ticket = self._tickets
+            self._deferred[ticket] = task
+            task.add_done_callback(functools.partial(self._expire_later, ticket))
+            results.append((2, ticket))
+        return self._instance, results
+
+    def _expire_later(self, ticket: int, _task: asyncio.Task[Ok]) -> None:
+        asyncio.get_running_loop().call_later(_KEEP_UNCOLLECTED, self._deferred.pop, ticket, None)
+
+    async def collect(self, ticket: int) -> Ok:
+        """The result of an operation that outlasted its batch."""
+        task = self._deferred.get(ticket)
+        if task is None:
+            return 1, dump_error(RuntimeError(f"no deferred result {ticket} (collected twice?)"))
+        try:
+            return await asyncio.shield(task)
+        finally:
+            self._deferred.pop(ticket, None)
+
+    async def _run(self, mgr: InstanceManager, op: tuple[Any, ...]) -> Ok:
+        try:
+            return 0, await self._op(mgr, op)
+        except Exception as exc:
+            return 1, dump_error(exc)
+
+    async def _op(self, mgr: InstanceManager, op: tuple[Any, ...]) -> Any:
+        kind = op[0]
+        codec = mgr._codec  # the manager's own codec, as the client uses it
+        if kind == "call":
+            _, key, partition, data, timeout = op
+            reply = await mgr.call(key, codec.decode(data), timeout=timeout, partition=partition)
+            return codec.encode(reply)
+        if kind == "rcall":
+            _, instance, n, data, timeout = op
+            reply = await self._ref(instance, n).call(codec.decode(data), timeout=timeout)
+            return codec.encode(reply)
+        if kind == "rcast":
+            _, instance, n, data = op
+            await self._ref(instance, n).cast(codec.decode(data))
+            return None
+        if kind == "get":
+            _, key, partition, data = op
+            initial = None if data is None else codec.decode(data)
+            return self._number(await mgr.get(key, initial_state=initial, partition=partition))
+        if kind == "lookup":
+            _, key, partition = op
+            ref = await mgr.lookup(key, partition=partition)
+            return None if ref is None else self._number(ref)
+        if kind == "stop":
+            _, key, partition = op
+            await mgr.stop(key, partition=partition)
+            return None
+        if kind == "state":
+            _, instance, n = op
+            return codec.encode(await self._ref(instance, n).state())
+        if kind == "attach":
+            _, instance, n, owner, ttl = op
+            ref = self._ref(instance, n)
+            await ref.attach(owner)
+            self._owners.setdefault(owner, {})[n] = ref
+            self._expiry[owner] = time.monotonic() + ttl
+            return None
+        if kind == "detach":
+            _, instance, n, owner = op
+            refs = self._owners.get(owner)
+            ref = None if refs is None else refs.pop(n, None)
+            if refs is not None and not refs:
+                del self._owners[owner]
+                self._expiry.pop(owner, None)
+            if ref is not None:
+                await ref.detach(owner)
+            return None
+        if kind == "touch":
+            _, instance, n = op
+            with contextlib.suppress(AgentStopped):
+                self._ref(instance, n).touch()
+            return None
+        if kind == "wait":
+            _, instance, n = op
+            ref = self._inc.get(n) if instance == self._instance else None
+            if ref is None:
+                return self._gone.get(n, str(StopReason.LEASE_LOST))
+            return str(await ref.wait_stopped())
+        raise ValueError(f"unknown shard host operation {kind!r}")
+
+    async def renew(self, ttl: float, owners: list[str],
+                    incs: list[tuple[str, int]]) -> tuple[str, list[tuple[str, int, str]]]:
+        """Keep ``owners`` attached for ``ttl`` more seconds; report which ``incs`` stopped."""
+        await self._manager()
+        expiry = time.monotonic() + ttl
+        for owner in owners:
+            if owner in self._expiry:
+                self._expiry[owner] = expiry
+        stopped: list[tuple[str, int, str]] = []
+        for instance, n in incs:
+            if instance != self._instance:
+                stopped.append((instance, n, str(StopReason.LEASE_LOST)))
+                continue
+            ref = self._inc.get(n)
+            if ref is None or not ref.alive:
+                stopped.append((instance, n, self._gone.get(n, str(StopReason.STOPPED))))
+        return self._instance, stopped
+
+    async def stats(self, partition: Any) -> dict[str, Any]:
+        """The local manager's ``stats`` as plain data."""
+        s = await (await self._manager()).stats(partition=partition)
+        return {"count": s.count, "keys": s.keys, "total": s.total, "attached": s.attached,
+                "counters": s.counters}
+
+    async def agents(self) -> tuple[str, list[tuple[int, Any, Any, int, float | None]]]:
+        """Every live agent: ``(n, key, partition, attachments, seconds until idle or None)``."""
+        mgr = await self._manager()
+        now = asyncio.get_running_loop().time()
+        out = []
+        for ref in await mgr.agents():
+            if not ref.alive:
+                continue
+            deadline = ref.idle_deadline
+            out.append((self._number(ref), ref.key, ref.partition, ref.attachments,
+                        None if deadline is None else max(0.0, deadline - now)))
+        return self._instance, out
+
+    async def events(self, after: int | None) -> tuple[str, int, list[tuple[Any, ...]]]:
+        """Lifecycle events numbered above ``after`` (``None``: none, just the current number)."""
+        await self._manager()
+        self._recording = True
+        if after is None:
+            return self._instance, self._event_seq, []
+        return self._instance, self._event_seq, [e for e in self._events if e[0] > after]
+
+    async def shutdown(self) -> None:
+        """Hibernate every agent of this shard and close the local manager (before a kill)."""
+        mgr = self._mgr
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if mgr is not None:
+            await mgr.close()
+
+    # -- owners ------------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        """Detach owners whose client stopped renewing them (a dead client process)."""
+        while True:
+            await asyncio.sleep(_SWEEP_EVERY)
+            now = time.monotonic()
+            expired = [owner for owner, at in self._expiry.items() if at < now]
+            for owner in expired:
+                self._expiry.pop(owner, None)
+                for ref in self._owners.pop(owner, {}).values():
+                    try:
+                        await ref.detach(owner)
+                    except Exception:
+                        logger.exception("keyhive: %s: detaching expired owner %s failed",
+                                         self._name, owner)
