@@ -222,7 +222,7 @@ def ls(
 
     try:
         count, total = _run(run())
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  # any failure is one line on stderr, exit 1
         raise _fail(_explain(exc)) from None
     err.print(f"{_plural(count, 'checkpoint')}, {_plural(total, 'byte')}")
 
@@ -241,7 +241,7 @@ def _one_key(url: str, manager: str, key: str, partition: str | None, json_key: 
 
     try:
         return _run(run())
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  # any failure is one line on stderr, exit 1
         raise _fail(_explain(exc)) from None
 
 
@@ -268,7 +268,7 @@ def show(url: str = URL, manager: str = MANAGER, key: str = KEY, partition: str 
     try:
         state_version, payload = unpack(checkpoint.data)[:2]
         state = json.loads(payload)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  # any undecodable checkpoint is reported, not a traceback
         raise _fail(f"checkpoint version {checkpoint.version} cannot be decoded: {exc}") from None
     err.print(f"version {checkpoint.version}, state_version {state_version}, "
               f"{_plural(len(checkpoint.data), 'byte')}")

@@ -113,7 +113,7 @@ class _Shard:
             self.seen(instance)
             for (_, fut), (status, value) in zip(batch, results, strict=True):
                 if status == 2:
-                    self.mgr._spawn(self.collect(value, fut))
+                    self.mgr._core.spawn(self.collect(value, fut))
                 elif fut.done():
                     continue
                 elif status == 0:
@@ -277,7 +277,7 @@ class RemoteRef:
             TimeoutError: no reply within ``timeout`` seconds.
             Exception: whatever ``handle`` raised (rebuilt here); the agent keeps running.
         """
-        codec = self._mgr._codec
+        codec = self._mgr._options.codec
         data = codec.encode(message)
         reply = await self._send(("rcall", self._inst, self._n, data, timeout), timeout)
         return codec.decode(reply)
@@ -289,13 +289,13 @@ class RemoteRef:
             CodecError: the message is not encodable.
             AgentStopped: this incarnation has stopped.
         """
-        data = self._mgr._codec.encode(message)
+        data = self._mgr._options.codec.encode(message)
         await self._send(("rcast", self._inst, self._n, data))
 
     async def state(self) -> Any:
         """A snapshot of the agent's state, taken in its turn (decoded from the codec's bytes)."""
         data = await self._send(("state", self._inst, self._n))
-        return self._mgr._codec.decode(data, self._mgr.agent.state_type)
+        return self._mgr._options.codec.decode(data, self._mgr.agent.state_type)
 
     async def attach(self, owner: object = None) -> None:
         """Attach ``owner`` (default: the current task); renewed by this process every
@@ -388,9 +388,10 @@ class RayManager(InstanceManager):
             from_url(storage)  # validates the URL now (constructed, never connected)
         self._url: str | None = storage
         self._runtime = runtime
-        self._options = {**options, "storage": storage}
-        if self._options.get("agent_opts") is not None:
-            self._options["agent_opts"] = dict(self._options["agent_opts"])
+        self._host_options: dict[str, Any] = {**options, "storage": storage}
+        if self._host_options.get("agent_opts") is not None:
+            self._host_options["agent_opts"] = dict(self._host_options["agent_opts"])
+        self._listeners: tuple[Callable[[Event], None], ...] = ()
         self._client = uuid.uuid4().hex[:12]
         self._shards: list[_Shard] = []
         self._refs: weakref.WeakValueDictionary[tuple[int, str, int], RemoteRef] = (
@@ -452,7 +453,7 @@ class RayManager(InstanceManager):
                 "lifetime": "detached", "max_restarts": -1, "max_task_retries": 0,
                 "max_concurrency": rt.max_concurrency, "num_cpus": 0, **rt.actor_options,
             }
-            handle = remote_host.options(**opts).remote(self.name, self.agent, i, self._options)
+            handle = remote_host.options(**opts).remote(self.name, self.agent, i, self._host_options)
             shards.append(_Shard(self, i, actor_name, handle))
         self._shards = shards
         try:
@@ -472,9 +473,9 @@ class RayManager(InstanceManager):
                         "predecessor's writes", self.name)
         self._ray_state = "running"
         _core._running[self.name] = self  # keyhive.get_manager(name) finds it
-        self._renewer = self._spawn(self._renew_loop())
+        self._renewer = self._core.spawn(self._renew_loop())
         if self._listeners:
-            self._poller = self._spawn(self._poll_events())
+            self._poller = self._core.spawn(self._poll_events())
 
     async def __aenter__(self) -> RayManager:
         await self.start()
@@ -508,7 +509,7 @@ class RayManager(InstanceManager):
             for fut in detaches:
                 if fut.done():
                     _ignore_result(fut)
-        pending = [t for t in self._tasks if t is not asyncio.current_task()]
+        pending = [t for t in self._core.tasks if t is not asyncio.current_task()]
         if pending:
             await asyncio.wait(pending, timeout=2.0)
         for task in pending:
@@ -577,7 +578,7 @@ class RayManager(InstanceManager):
         if entry is None or self._ray_state != "running":
             return
         for ref in list(entry.refs):
-            self._spawn(ref.detach(task))
+            self._core.spawn(ref.detach(task))
 
     async def _renew_loop(self) -> None:
         """Renew this process's owners and learn which known incarnations have stopped."""
@@ -633,7 +634,7 @@ class RayManager(InstanceManager):
         shard = self._shard_of(key, part)
         if initial_state is not None and not isinstance(initial_state, Mapping):
             raise TypeError(f"initial_state must be a mapping, not {type(initial_state).__name__}")
-        data = None if initial_state is None else self._codec.encode(dict(initial_state))
+        data = None if initial_state is None else self._options.codec.encode(dict(initial_state))
         n = await self._submit(shard, ("get", key, part, data))
         return self._remote(shard, n, key, part)
 
@@ -657,7 +658,7 @@ class RayManager(InstanceManager):
         self._check_running()
         part = self.partition if partition is None else partition
         shard = self._shard_of(key, part)
-        codec = self._codec
+        codec = self._options.codec
         data = codec.encode(message)
         reply = await self._submit(shard, ("call", key, part, data, timeout), timeout)
         return codec.decode(reply)
@@ -744,7 +745,7 @@ class RayManager(InstanceManager):
             raise TypeError("subscribe() takes a callable")
         self._listeners = (*self._listeners, callback)
         if self.running and self._poller is None:
-            self._poller = self._spawn(self._poll_events())
+            self._poller = self._core.spawn(self._poll_events())
 
         def unsubscribe() -> None:
             listeners = list(self._listeners)

@@ -201,7 +201,7 @@ class ShardHost:
 
     async def _op(self, mgr: InstanceManager, op: tuple[Any, ...]) -> Any:
         kind = op[0]
-        codec = mgr._codec  # the manager's own codec, as the client uses it
+        codec = mgr._options.codec  # the manager's own codec, as the client uses it
         if kind == "call":
             _, key, partition, data, timeout = op
             reply = await mgr.call(key, codec.decode(data), timeout=timeout, partition=partition)

@@ -69,7 +69,7 @@ def _rebuild(module: str, qualname: str, args: tuple[Any, ...],
         exc = found.__new__(found, *args)
         exc.args = args
         exc.__dict__.update(attrs)
-    except Exception:
+    except Exception:  # noqa: BLE001  # a type that cannot be rebuilt arrives as RemoteError
         return None
     return exc
 

@@ -12,7 +12,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from .._errors import LeaseLost
 from ._base import Checkpoint, Fence, Lease
 
-<<<<<<< HEAD
 __all__ = [
     "LoadBatcher",
     "check_due",
@@ -25,6 +24,7 @@ __all__ = [
     "make_lease",
     "query_options",
     "split_options",
+    "url_flag",
 ]
 
 
@@ -88,9 +88,6 @@ def lease_lost(fence: Fence, stored: str) -> LeaseLost:
     """The error of a fenced write refused because the lease moved on."""
     return LeaseLost(f"lease {fence.name!r} is no longer held under epoch {fence.epoch} "
                      f"({stored}): nothing was written")
-=======
-__all__ = ["LoadBatcher", "import_driver", "query_options", "split_options", "url_flag"]
->>>>>>> cli
 
 
 def import_driver(module: str, extra: str) -> ModuleType:

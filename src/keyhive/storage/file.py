@@ -7,18 +7,12 @@ import base64
 import contextlib
 import fcntl
 import hashlib
-<<<<<<< HEAD
+import itertools
 import json
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-=======
-import itertools
-import os
-import tempfile
-from collections.abc import AsyncIterator, Generator, Sequence
->>>>>>> cli
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
