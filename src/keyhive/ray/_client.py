@@ -87,7 +87,7 @@ class _Shard:
         batch, self.queue = self.queue, []
         try:
             pending = self.handle.batch.remote([op for op, _ in batch])
-        except Exception as exc:  # the handle itself failed (Ray shut down)
+        except Exception as exc:  # noqa: BLE001  # the handle itself failed (Ray shut down)
             self.failed(batch, exc)
             return
         self.busy += 1

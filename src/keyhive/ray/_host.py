@@ -196,7 +196,7 @@ class ShardHost:
     async def _run(self, mgr: InstanceManager, op: tuple[Any, ...]) -> Ok:
         try:
             return 0, await self._op(mgr, op)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  # every error crosses back to its caller
             return 1, dump_error(exc)
 
     async def _op(self, mgr: InstanceManager, op: tuple[Any, ...]) -> Any:
