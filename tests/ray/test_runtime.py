@@ -286,7 +286,7 @@ async def test_two_processes_hammer_one_key(ray_cluster: Any, make_ray_manager: 
             finally:
                 await storage.aclose()
             assert checkpoint is not None
-            _, payload = keyhive.codecs.unpack(checkpoint.data)
+            payload = keyhive.codecs.unpack(checkpoint.data).payload
             assert json.loads(payload) == {"count": total}
         finally:
             await manager.shutdown_hosts()
