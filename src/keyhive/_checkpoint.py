@@ -19,7 +19,7 @@ import hashlib
 import inspect
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._errors import CodecError, ConflictError, LeaseLost, StorageError, ThawError
@@ -91,6 +91,9 @@ class CheckpointIO:
         self.writer = secrets.token_hex(8)  # this manager instance, in every envelope it writes
         self._seq = 0
         self.fence: Fence | None = None  # set while a lease is held (see _lease.py)
+        # the lease keeper's retake(): after a refused fence, take the lease again if nobody
+        # else holds it; True when the write may be retried under the new fence
+        self.retake: Callable[[BaseException], Awaitable[bool]] | None = None
         if storage is None:
             self._batch: Any = None
             self._fenced = self._timed = False
@@ -205,11 +208,18 @@ class CheckpointIO:
         limit = self._timeout if timeout is None else (
             timeout if self._timeout is None else min(timeout, self._timeout))
         try:
-            if limit is None:
-                results = await self._save(items, due)
-            else:
-                async with asyncio.timeout(max(limit, 0.0)):
-                    results = await self._save(items, due)
+            for attempt in (1, 2):
+                try:
+                    if limit is None:
+                        results = await self._save(items, due)
+                    else:
+                        async with asyncio.timeout(max(limit, 0.0)):
+                            results = await self._save(items, due)
+                    break
+                except LeaseLost as exc:
+                    # nothing was written; once, when the lease is ours again, write again
+                    if attempt == 2 or self.retake is None or not await self.retake(exc):
+                        raise
             if len(results) != len(items):
                 raise StorageError(f"save_many returned {len(results)} results for {len(items)} items")
         except LeaseLost as exc:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from ._errors import ConflictError, UnsavedAgentsError
+from ._errors import ConflictError, LeaseLost, UnsavedAgentsError
 from ._events import StopReason
 from ._lifecycle import RUNNING, STARTING, STOPPED
 
@@ -94,7 +94,7 @@ async def _round(core: Core, refs: list[AgentRef], deadline: float,
             if error is None:
                 continue
             last_error[ref] = error
-            if isinstance(error, ConflictError):
+            if isinstance(error, ConflictError) and not isinstance(error, LeaseLost):
                 await core.reaper.finish(ref, StopReason.CONFLICT, saved=False)
                 unsaved.append(ref)
             else:

@@ -266,6 +266,8 @@ class Reaper:
 
     async def finish(self, ref: AgentRef, reason: StopReason, *, saved: bool) -> None:
         """The checkpoint is written (or storage is off): run on_stop and unregister."""
+        if ref._status is STOPPED:
+            return  # stopped meanwhile (a lost lease stops every agent at once)
         core = self.core
         asked = ref.take_stop_request()
         if reason is StopReason.NORMAL and asked is not None:

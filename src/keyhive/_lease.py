@@ -10,9 +10,11 @@ Renewal is one storage call every ``lease_ttl / 3`` per manager, never one per a
 Safety uses only this process's own monotonic clock: the lease counts as held until
 ``(start of the last successful renewal) + lease_ttl * (1 - _MARGIN)``; the storage
 judges expiry by its own clock, at least as late. When that passes without a renewal,
-or a write comes back ``LeaseLost``, the manager stops serving: every live agent stops
-with ``StopReason.LEASE_LOST`` without writing, and the next activation takes the lease
-again (or raises ``OwnedElsewhere``).
+or the lease turns out to be another holder's, the manager stops serving: every live
+agent stops with ``StopReason.LEASE_LOST`` without writing, and the next activation
+takes the lease again (or raises ``OwnedElsewhere``). A write refused because the lease
+record itself is gone (a storage restarted without its data) takes the lease again when
+nobody else holds it; the refused writes are retried as any failed write is.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class LeaseKeeper:
         self.valid_until = 0.0  # loop time: held until then without a renewal
         self._task: asyncio.Task[None] | None = None
         self._watch: asyncio.TimerHandle | None = None
+        self._recovering: asyncio.Task[None] | None = None
 
     @property
     def held(self) -> bool:
@@ -112,6 +115,7 @@ class LeaseKeeper:
                         lease.epoch)
         self.epoch = lease.epoch
         self.core.io.fence = Fence(self.name, lease.epoch)
+        self.core.io.retake = self.retake
         self._renewed(started)
         if self._task is None:
             self._task = self.core.spawn(self._renew_loop())
@@ -126,7 +130,8 @@ class LeaseKeeper:
     def _expired(self) -> None:
         self._watch = None
         if self.epoch is not None and asyncio.get_running_loop().time() >= self.valid_until:
-            self.lost(LeaseLost(f"lease {self.name!r} could not be renewed within lease_ttl={self.ttl}s"))
+            self._stop_serving(
+                LeaseLost(f"lease {self.name!r} could not be renewed within lease_ttl={self.ttl}s"))
 
     async def _renew_loop(self) -> None:
         """Renew every ``lease_ttl / 3``; retry sooner after a failure."""
@@ -144,17 +149,60 @@ class LeaseKeeper:
                                    self.core.name, self.name, exc)
                     delay = interval / 4
                     continue
-                if lease.holder != self.holder or lease.epoch != self.epoch:
-                    self.lost(LeaseLost(
+                if lease.holder != self.holder:
+                    self._stop_serving(LeaseLost(
                         f"lease {self.name!r} was taken over by {lease.holder} (epoch {lease.epoch})"))
                     break
-                self._renewed(started)
+                if lease.epoch != self.epoch:
+                    # Ours again under a new epoch: the record was lost (a storage restarted
+                    # without its data) or lapsed. Nobody else held it meanwhile with our
+                    # epoch, and compare-and-set versions guard the checkpoints: go on.
+                    logger.warning("keyhive: %s: lease %r renewed under a new epoch %d (was %d)",
+                                   self.core.name, self.name, lease.epoch, self.epoch)
+                    self._took(lease, started)
+                else:
+                    self._renewed(started)
                 delay = interval
         finally:
             self._task = None
 
     def lost(self, error: BaseException) -> None:
-        """The lease is gone: stop serving; every live agent stops without writing."""
+        """A fenced write was refused (after :meth:`retake` failed): stop serving unless the
+        lease is ours again by now."""
+        if self.epoch is None or self._recovering is not None:
+            return
+        self._recovering = self.core.spawn(self.retake(error))
+
+    async def retake(self, error: BaseException) -> bool:
+        """A fenced write was refused: take the lease again when nobody else holds it (its
+        record was lost by a storage restarted without its data, or it lapsed). True when it
+        is ours again (the fence is updated: retry the write); else stop serving."""
+        if self._recovering is not None and self._recovering is not asyncio.current_task():
+            await asyncio.wait([self._recovering])
+            return self.epoch is not None and self.core.io.fence is not None
+        if self.epoch is None:
+            return False
+        try:
+            try:
+                lease, started = await self._acquire_once(takeover=False)
+            except Exception as exc:  # noqa: BLE001  # storage down: the renewal deadline decides
+                logger.warning("keyhive: %s: lease %r: a write was refused (%s) and the lease could "
+                               "not be read again: %r", self.core.name, self.name, error, exc)
+                return False
+            if lease.holder == self.holder:
+                if lease.epoch != self.epoch:
+                    logger.warning("keyhive: %s: lease %r was lost by the storage (%s) and taken "
+                                   "again at epoch %d", self.core.name, self.name, error, lease.epoch)
+                self._took(lease, started)
+                return True
+            self._stop_serving(error)
+            return False
+        finally:
+            if self._recovering is asyncio.current_task():
+                self._recovering = None
+
+    def _stop_serving(self, error: BaseException) -> None:
+        """The lease is another holder's: every live agent stops without writing."""
         if self.epoch is None:
             return
         core = self.core

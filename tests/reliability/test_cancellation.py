@@ -211,7 +211,7 @@ async def test_call_cancelled_while_running(make_manager: Any) -> None:
         ref = await m.get("k")
         running = asyncio.create_task(ref.call(("sleep", 5), timeout=None))
         await asyncio.sleep(0)
-        queued = asyncio.create_task(ref.call("incr"))
+        queued = asyncio.create_task(ref.call("incr", timeout=None))
         await asyncio.sleep(1)
         running.cancel()
         with pytest.raises(asyncio.CancelledError):

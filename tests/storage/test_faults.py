@@ -183,9 +183,11 @@ async def test_unusable_sqlite_paths_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(keyhive.StorageError, match="does not exist"):
         await missing.save("k", b"x", expected_version=None)
     await missing.aclose()
-    async with keyhive.InstanceManager("bad-db", Counter, storage=SQLiteStorage(notes)) as m:
-        with pytest.raises(keyhive.ThawError):
-            await m.get("k")
+    manager = keyhive.InstanceManager("bad-db", Counter, storage=SQLiteStorage(notes))
+    with pytest.raises(keyhive.StorageError, match="not a database"):
+        await manager.start()  # found at start-up (one round trip), not at the first get
+    assert not manager.running
+    assert notes.read_bytes() == b"plain text " * 200
 
 
 async def test_read_only_directory(tmp_path: Path) -> None:

@@ -149,7 +149,9 @@ class LeaseStorage(Storage, Protocol):
         """Take, or renew, the lease ``name`` for ``ttl`` seconds; return it as stored now.
 
         Free, released, expired or already ``holder``'s: it becomes ``holder``'s, with
-        ``epoch + 1`` when it changes hands (1 when new) and the same epoch on renewal.
+        ``epoch + 1`` when it changes hands and the same epoch on renewal. A new record starts
+        at an epoch no earlier record of that name can have had (1 on durable backends; a
+        backend that may lose its data, such as Redis, starts from its clock).
         Held by another holder and not expired: nothing changes and that holder's lease
         is returned (the caller compares ``lease.holder``), unless ``takeover`` is set,
         which takes it anyway with ``epoch + 1`` (a restarted Ray shard host).

@@ -134,15 +134,18 @@ _ACQUIRE = _LEASE_NOW + """
 local r = redis.call('HMGET', KEYS[1], 'h', 'e', 'a', 'x', 'r')
 local until_ = f(now + tonumber(ARGV[2]))
 if not r[2] then
-  redis.call('HSET', KEYS[1], 'h', ARGV[1], 'e', '1', 'a', f(now), 'x', until_, 'r', '0')
-  return {ARGV[1], '1', f(now), until_, '0', f(now)}
+  -- a new record starts at the server's clock in microseconds, not 1: a server restarted
+  -- without its data must never hand out an epoch that an earlier holder still fences with
+  local first = string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]))
+  redis.call('HSET', KEYS[1], 'h', ARGV[1], 'e', first, 'a', f(now), 'x', until_, 'r', '0')
+  return {ARGV[1], first, f(now), until_, '0', f(now)}
 end
 if r[1] == ARGV[1] and r[5] ~= '1' then
   redis.call('HSET', KEYS[1], 'x', until_)
   return {r[1], r[2], r[3], until_, '0', f(now)}
 end
 if r[5] == '1' or tonumber(r[4]) <= now or ARGV[3] == '1' then
-  local epoch = tostring(tonumber(r[2]) + 1)
+  local epoch = string.format('%d', tonumber(r[2]) + 1)
   redis.call('HSET', KEYS[1], 'h', ARGV[1], 'e', epoch, 'a', f(now), 'x', until_, 'r', '0')
   return {ARGV[1], epoch, f(now), until_, '0', f(now)}
 end
