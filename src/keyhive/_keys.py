@@ -12,19 +12,17 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from typing import Any, TypeAlias
+from typing import Any
 
 __all__ = [
     "MAX_KEY_BYTES",
-    "Key",
     "check_key",
     "is_plain_key",
     "decode_storage_key",
     "storage_key",
     "storage_prefix",
+    "untag",
 ]
-
-Key: TypeAlias = "str | int | bytes | uuid.UUID | tuple[Key, ...]"
 
 MAX_KEY_BYTES = 1024
 MAX_KEY_DEPTH = 16
@@ -129,9 +127,10 @@ def storage_prefix(manager: str, *partition: object) -> str:
     return _dumps(parts)[:-1] + ","
 
 
-def _untag(value: Any) -> Any:
+def untag(value: Any) -> Any:
+    """A key from its tagged JSON form (the inverse of :func:`check_key`'s result)."""
     if isinstance(value, list):
-        return tuple(_untag(item) for item in value)
+        return tuple(untag(item) for item in value)
     if isinstance(value, dict):
         if "b" in value:
             return base64.b64decode(value["b"])
@@ -153,4 +152,4 @@ def decode_storage_key(skey: str) -> tuple[str, Any, Any]:
         raise ValueError(f"not a keyhive storage key: {skey!r}") from exc
     if not isinstance(manager, str):
         raise ValueError(f"not a keyhive storage key: {skey!r}")
-    return manager, None if partition is None else _untag(partition), _untag(key)
+    return manager, None if partition is None else untag(partition), untag(key)

@@ -120,7 +120,7 @@ class AgentRef(Lifecycle):
     and starts again, ``get`` returns a ref that is not equal to the old one.
     """
 
-    __slots__ = ("__weakref__", "_agent", "_busy", "_dirty", "_host", "_key", "_partition", "_version")
+    __slots__ = ("_agent", "_busy", "_dirty", "_host", "_key", "_partition", "_version")
 
     def __init__(self, host: RefHost, key: Any, partition: Any) -> None:
         # Lifecycle.__init__, inlined (hot: one per activation)

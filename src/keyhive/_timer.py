@@ -23,6 +23,16 @@ class _Timed(Protocol):
     _deadline: float | None
 
 
+class _Slot(list[_Timed]):
+    """The items of one slot, and the slot's time (the one float its items share)."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, at: float) -> None:
+        super().__init__()
+        self.at = at
+
+
 class DeadlineWheel:
     """Slots of deadlines, one loop timer per slot."""
 
@@ -33,7 +43,7 @@ class DeadlineWheel:
         self._loop = loop
         self._resolution = resolution
         self._on_due = on_due
-        self._slots: dict[float, list[_Timed]] = {}
+        self._slots: dict[float, _Slot] = {}
         self._handles: dict[float, asyncio.TimerHandle] = {}
 
     def now(self) -> float:
@@ -41,7 +51,12 @@ class DeadlineWheel:
         return self._loop.time()
 
     def arm(self, item: _Timed, deadline: float) -> None:
-        """Make sure a slot at or before ``deadline`` will look at ``item``."""
+        """Make sure a slot at or before ``deadline`` will look at ``item``.
+
+        When ``deadline`` is the item's own deadline, it is rounded up to the slot's time
+        and shares the slot's float (the slot fires then anyway): an idle agent holds no
+        float of its own (24 bytes each).
+        """
         armed = item._armed
         if armed is not None and armed <= deadline:
             return
@@ -51,10 +66,13 @@ class DeadlineWheel:
             at += res
         slot = self._slots.get(at)
         if slot is None:
-            slot = self._slots[at] = []
+            slot = self._slots[at] = _Slot(at)
             self._handles[at] = self._loop.call_at(at, self._fire, at)
         slot.append(item)
+        at = slot.at
         item._armed = at
+        if item._deadline == deadline:
+            item._deadline = at
 
     def _fire(self, at: float) -> None:
         slot = self._slots.pop(at, None)
@@ -76,10 +94,6 @@ class DeadlineWheel:
                 self.arm(item, deadline)
         if due:
             self._on_due(due)
-
-    def pending(self) -> int:
-        """How many agents are filed in slots (stale entries included)."""
-        return sum(len(slot) for slot in self._slots.values())
 
     def close(self) -> None:
         """Cancel every slot's timer."""

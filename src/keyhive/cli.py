@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from . import __version__
 from ._errors import KeyhiveError
-from ._keys import _untag, check_key, storage_key
+from ._keys import check_key, storage_key, untag
 from ._stored import StoredRecord, records_under, stored_keys
 from .codecs import unpack
 from .storage import from_url
@@ -138,7 +138,7 @@ def parse_key(text: str, what: str = "key", *, as_json: bool = False) -> Any:
         return text
     body = text[len(JSON_PREFIX):] if text.startswith(JSON_PREFIX) else text
     try:
-        parsed = _untag(json.loads(body))
+        parsed = untag(json.loads(body))
         check_key(parsed, what)
     except (ValueError, TypeError) as exc:
         raise ValueError(

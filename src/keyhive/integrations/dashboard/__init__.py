@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-import weakref
 from collections import deque
 from collections.abc import Iterable, Sequence
 from importlib import resources
@@ -78,9 +77,9 @@ class Dashboard:
             m.name: deque(maxlen=20) for m in self.managers}
         self._events: deque[tuple[float, Event]] = deque(maxlen=60)
         self._clients: set[asyncio.Event] = set()
-        self._ids: weakref.WeakKeyDictionary[AgentRef, str] = weakref.WeakKeyDictionary()
-        self._refs: weakref.WeakValueDictionary[str, AgentRef] = weakref.WeakValueDictionary()
-        self._next_id = itertools.count(1)
+        # the refs the last snapshot showed, by id (the stop button names one); held only until
+        # the next snapshot, so that an id (from id(ref)) cannot be reused while it is shown
+        self._refs: dict[str, AgentRef] = {}
         self._unsubscribe = [m.subscribe(self._on_event) for m in self.managers]
         static = resources.files(__package__) / "static"
         self._index = (static / "index.html").read_text("utf-8")
@@ -138,16 +137,15 @@ class Dashboard:
 
     # -- the snapshot --------------------------------------------------------------------------
 
-    def _ref_id(self, ref: AgentRef) -> str:
-        ident = self._ids.get(ref)
-        if ident is None:
-            ident = self._ids[ref] = f"a{next(self._next_id)}"
-            self._refs[ident] = ref
+    def _ref_id(self, ref: AgentRef, shown: dict[str, AgentRef]) -> str:
+        ident = f"a{id(ref):x}"
+        shown[ident] = ref
         return ident
 
     async def snapshot(self) -> dict[str, Any]:
         """Everything the page shows, as JSON-ready data; times are seconds relative to now."""
         now = asyncio.get_running_loop().time()
+        shown: dict[str, AgentRef] = {}
         current = int(now // self._bucket)
         managers = []
         for manager in self.managers:
@@ -162,7 +160,7 @@ class Dashboard:
                     since = deadline - timeout  # the idle timer's last (re)start
                     last = since if last is None else max(last, since)
                 agents.append({
-                    "id": self._ref_id(ref),
+                    "id": self._ref_id(ref, shown),
                     "key": _show(ref.key),
                     "partition": _show(ref.partition),
                     "attachments": ref.attachments,
@@ -195,6 +193,7 @@ class Dashboard:
             "partition": _show(e.partition), "reason": str(e.reason or ""),
             "error": "" if e.error is None else type(e.error).__name__,
         } for t, e in reversed(self._events)]
+        self._refs = shown
         return {
             "now": time.time(), "allow_stop": self.allow_stop, "bucket_seconds": self._bucket,
             "managers": managers, "events": events,
