@@ -97,7 +97,16 @@ class _Call:
 
 @types.coroutine
 def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
-    """Go on running a coroutine that was started by hand and suspended on ``yielded``."""
+    """Go on running a coroutine that was started by hand and suspended on ``yielded``.
+
+    A bare yield (``await asyncio.sleep(0)``: "let the others run once") is answered at
+    once: this runs in a new task's first step, one loop iteration later already.
+    """
+    if yielded is None:
+        try:
+            yielded = coro.send(None)
+        except StopIteration as stop:
+            return stop.value
     while True:
         try:
             sent = yield yielded
@@ -225,18 +234,29 @@ class AgentRef(Lifecycle):
     async def _hand_off(self, coro: Coroutine[Any, Any, Any], yielded: Any,
                         timeout: float | None) -> Any:
         """The handler suspended: finish its turn in a task of the manager's; wait for it."""
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        chain = (*_held_chain(sys._getframe(1)), self)  # noqa: SLF001  # the call chain, off the fast path
-        ctx = contextvars.copy_context()
-        ctx.run(_CHAIN.set, chain)
-        task = asyncio.get_running_loop().create_task(self._finish_turn(coro, yielded, waiter), context=ctx)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
+        # The turns held up this call chain, above our own call() frame (the new task's own
+        # frames name this ref): usually none, and then the task needs no context of its own.
+        outer = _held_chain(sys._getframe(2))  # noqa: SLF001  # the call chain, off the fast path
+        if outer:
+            ctx = contextvars.copy_context()
+            ctx.run(_CHAIN.set, (*outer, self))
+            task = loop.create_task(self._finish_turn(coro, yielded, waiter), context=ctx)
+        else:
+            task = loop.create_task(self._finish_turn(coro, yielded, waiter))
         tasks = self._host.tasks
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         if timeout is None:
             return await waiter
-        async with asyncio.timeout(timeout):
+        # A timer that fails the waiter: cheaper than asyncio.timeout (no cancel/uncancel of
+        # the caller's task), and the turn itself is never touched by it.
+        handle = loop.call_later(timeout, _time_out, waiter, timeout)
+        try:
             return await waiter
+        finally:
+            handle.cancel()
 
     async def _finish_turn(self, coro: Coroutine[Any, Any, Any], yielded: Any,
                            waiter: asyncio.Future[Any] | None) -> None:
@@ -624,6 +644,11 @@ class AgentRef(Lifecycle):
         from ._pubsub import subscribe
 
         return subscribe(self, snapshot=snapshot)
+
+
+def _time_out(waiter: asyncio.Future[Any], timeout: float) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError(f"no reply within {timeout}s (the turn goes on)"))
 
 
 def _current_task(what: str) -> asyncio.Task[Any]:
