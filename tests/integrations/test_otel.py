@@ -405,3 +405,18 @@ async def test_the_documented_metrics_and_spans_are_the_ones_made(otel: Telemetr
     made = {metric.name for rm in data.resource_metrics for sm in rm.scope_metrics for metric in sm.metrics}
     assert documented_metrics == made
     assert documented_spans == {s.name for s in otel.spans()}
+
+
+async def test_a_restarted_manager_stays_instrumented(otel: Telemetry, tmp_path: Any) -> None:
+    """A manager started again after close (new storage connection, new reaper) is still traced."""
+    m = keyhive.InstanceManager("otel-restart", Counter, storage=f"sqlite:///{tmp_path / 'a.db'}")
+    otel.instrument(m)
+    async with m:
+        await m.call("k", "incr")
+    otel.exporter.clear()
+    async with m:
+        assert await m.call("k", "incr") == 2
+        await m.stop("k")
+    thaw = otel.span("keyhive.thaw")
+    assert thaw.attributes["keyhive.thawed"] is True
+    assert otel.span("keyhive.hibernate").attributes["keyhive.stop_reason"] == "stopped"
