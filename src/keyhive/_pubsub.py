@@ -117,6 +117,36 @@ class Subscription:
             finally:
                 self._waiter = None
 
+    @property
+    def overflowed(self) -> bool:
+        """Whether this subscriber fell more than ``subscriber_buffer`` events behind (dropped)."""
+        return self._overflowed
+
+    # -- for runtimes that forward a subscription elsewhere (the Ray shard host) ---------
+
+    def take(self) -> list[Any]:
+        """Everything buffered, in order, now (and nothing is left buffered)."""
+        events = list(self._events)
+        self._events.clear()
+        return events
+
+    def watch(self, fut: asyncio.Future[None]) -> None:
+        """Resolve ``fut`` when an event is buffered or the stream ends (at once if so).
+
+        One future may watch many subscriptions: the first of them to have news resolves it.
+        Not for a subscription that is also iterated (``__anext__`` has its own waiter).
+        """
+        if self._events or self.ended:
+            if not fut.done():
+                fut.set_result(None)
+        else:
+            self._waiter = fut
+
+    def unwatch(self, fut: asyncio.Future[None]) -> None:
+        """Stop resolving ``fut`` (set by :meth:`watch`)."""
+        if self._waiter is fut:
+            self._waiter = None
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
