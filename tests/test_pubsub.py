@@ -265,3 +265,22 @@ async def test_snapshot_subscribe_when_the_agent_stops_while_waiting(make_manage
         await busy
         await stopping
         assert ref.attachments == 0 and _subscribers(ref) == []
+
+
+def test_the_push_docs_room_example_prints_what_the_docs_say(tmp_path: Any) -> None:
+    """docs/push-and-timers.md's broadcasting room runs as written and prints each listener's lines as shown."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "push-and-timers.md").read_text()
+    push = text.split("## Push", 1)[1].split("## Timers", 1)[0]
+    code, shown = re.findall(r"```(?:python)?\n(.*?)```", push, re.S)[:2]
+    (tmp_path / "room.py").write_text(code)
+    out = subprocess.run([sys.executable, "room.py"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    for name in ("bob", "cy"):  # the two listeners' lines may interleave, each in its order
+        mine = [line for line in out.splitlines() if line.startswith(name)]
+        assert mine == [line for line in shown.splitlines() if line.startswith(name)]
