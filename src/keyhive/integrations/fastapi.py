@@ -312,14 +312,18 @@ async def attach_websocket(websocket: WebSocket, manager: InstanceManager, key: 
         _log(exc, manager, key)
         raise _ws_close(exc) from None
     forwarder: asyncio.Task[None] | None = None
-    try:
-        if subscription is not None:
-            if snapshot:
+    if subscription is not None:
+        try:
+            if snapshot:  # before the block runs, so it is the socket's first message
                 state = subscription.snapshot
                 await websocket.send_json(snapshot_message(state) if snapshot_message is not None
                                           else {"type": "snapshot", "state": state})
-            forwarder = asyncio.get_running_loop().create_task(
-                _forward_events(websocket, subscription, manager, key, stop_message))
+        except BaseException:
+            await subscription.__aexit__(None, None, None)  # no owner left behind
+            raise
+        forwarder = asyncio.get_running_loop().create_task(
+            _forward_events(websocket, subscription, manager, key, stop_message))
+    try:
         yield ref
     except WebSocketDisconnect:
         pass
