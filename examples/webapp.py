@@ -8,15 +8,15 @@ hibernates to ``.keyhive-demo/sessions.db`` (watch it on the dashboard at /keyhi
 the page again, or restart the server: the agent thaws with its state. Look at what is
 stored with ``keyhive ls sqlite:///.keyhive-demo/sessions.db`` (see docs/cli.md).
 
-How it fits together: each WebSocket attaches to its session's agent for as long as it
-is open (``attach_websocket``); the agent publishes every change to a ``Hub`` it gets
-through ``agent_opts``; each socket's writer forwards what its session publishes.
+How it fits together: each WebSocket subscribes to its session's agent for as long as it
+is open (``attach_websocket(..., events=True, snapshot=True)``, which is its attachment): it
+gets the state first, then every change the agent publishes with ``self.publish``, and
+a message saying why when the agent stops.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import errno
 import json
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect, WebSocketException
+from fastapi import FastAPI, Request, WebSocket, WebSocketException
 from fastapi.responses import HTMLResponse, JSONResponse
 
 import keyhive
@@ -67,31 +67,6 @@ def session_key(cookies: dict[str, str]) -> str | None:
     return cookies.get(COOKIE) or None
 
 
-class Hub:
-    """Per-key sets of subscriber queues: how an agent reaches the sockets of its session."""
-
-    def __init__(self) -> None:
-        self._queues: dict[Any, set[asyncio.Queue[dict[str, Any]]]] = {}
-
-    @contextlib.contextmanager
-    def subscribe(self, key: Any) -> Any:
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=100)
-        self._queues.setdefault(key, set()).add(queue)
-        try:
-            yield queue
-        finally:
-            queues = self._queues.get(key)
-            if queues is not None:
-                queues.discard(queue)
-                if not queues:
-                    del self._queues[key]
-
-    def publish(self, key: Any, message: dict[str, Any]) -> None:
-        for queue in self._queues.get(key, ()):
-            with contextlib.suppress(asyncio.QueueFull):  # a stuck tab misses updates, not the agent
-                queue.put_nowait(message)
-
-
 class Session(keyhive.Agent):
     """A browser session: a counter and a list of notes, shared by all its tabs."""
 
@@ -100,7 +75,7 @@ class Session(keyhive.Agent):
 
     async def on_start(self, thawed: bool) -> None:
         self.state["thaws"] += thawed
-        self.started = "thawed from storage" if thawed else "started fresh"
+        self.state["agent"] = "thawed from storage" if thawed else "started fresh"
 
     async def handle(self, message: Any) -> Any:
         op = message.get("op") if isinstance(message, dict) else None
@@ -114,10 +89,19 @@ class Session(keyhive.Agent):
             self.state["notes"] = []
         elif op != "get":
             raise ValueError(f"unknown op {op!r}")
-        view = {"type": "state", "state": self.state, "agent": self.started}
         if op != "get":
-            self.opts["hub"].publish(self.key, view)
-        return view
+            self.publish(view(dict(self.state)))  # to every open tab, in order (a copy: sent later)
+        return view(self.state)
+
+
+def view(state: dict[str, Any]) -> dict[str, Any]:
+    """What the page shows: the state, and whether this incarnation was thawed."""
+    return {"type": "state", "state": state, "agent": state.get("agent", "started fresh")}
+
+
+def stopped(reason: keyhive.StopReason | None) -> dict[str, Any]:
+    """The message a tab gets when its agent stops (then its socket closes and it reconnects)."""
+    return {"type": "stopped", "reason": str(reason), "message": stop_message(reason)}
 
 
 def create_app(*, idle: float = 10.0, storage: str | None = None, allow_stop: bool = True,
@@ -125,16 +109,7 @@ def create_app(*, idle: float = 10.0, storage: str | None = None, allow_stop: bo
     """The demo app; ``storage`` defaults to SQLite (or files) under ``.keyhive-demo/``."""
     if storage is None:
         storage = default_storage(Path(".keyhive-demo"))
-    hub = Hub()
-    sessions = keyhive.InstanceManager(name, Session, idle_timeout=idle, storage=storage,
-                                       agent_opts={"hub": hub})
-
-    def tell_sockets(event: keyhive.Event) -> None:
-        if event.kind is keyhive.EventKind.STOPPED:  # e.g. the dashboard's stop button
-            hub.publish(event.key, {"type": "stopped", "reason": str(event.reason),
-                                    "message": stop_message(event.reason)})
-
-    sessions.subscribe(tell_sockets)
+    sessions = keyhive.InstanceManager(name, Session, idle_timeout=idle, storage=storage)
     app = FastAPI(title="keyhive demo", lifespan=keyhive_lifespan(sessions))
     add_exception_handlers(app)
     app.state.sessions = sessions
@@ -160,29 +135,18 @@ def create_app(*, idle: float = 10.0, storage: str | None = None, allow_stop: bo
         key = session_key(websocket.cookies)
         if key is None:  # refused at the handshake (HTTP 403)
             raise WebSocketException(1008, "no session cookie: open the page first")
-        async with attach_websocket(websocket, sessions, key) as ref:
-            with hub.subscribe(key) as updates:
-                writer = asyncio.create_task(forward(websocket, updates))
+        # the state first, then what the agent publishes; a stop says why and closes (1012)
+        async with attach_websocket(websocket, sessions, key, events=True, snapshot=True,
+                                    snapshot_message=view, stop_message=stopped) as ref:
+            while True:
+                text = await websocket.receive_text()
                 try:
-                    await websocket.send_json(await ref.call({"op": "get"}))
-                    while True:
-                        text = await websocket.receive_text()
-                        try:
-                            await ref.call(json.loads(text))
-                        except ValueError as exc:  # bad JSON or an unknown op
-                            await websocket.send_json({"type": "error", "detail": str(exc)})
-                finally:
-                    writer.cancel()
+                    await ref.call(json.loads(text))  # the change reaches every tab as an event
+                except ValueError as exc:  # bad JSON or an unknown op
+                    await websocket.send_json({"type": "error", "detail": str(exc)})
 
     app.mount("/keyhive", keyhive_dashboard([sessions], allow_stop=allow_stop))
     return app
-
-
-async def forward(websocket: WebSocket, updates: asyncio.Queue[dict[str, Any]]) -> None:
-    """Send what the session publishes to this socket, until the socket goes away."""
-    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
-        while True:
-            await websocket.send_json(await updates.get())
 
 
 def default_storage(directory: Path) -> str:

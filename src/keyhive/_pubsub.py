@@ -34,7 +34,7 @@ class Subscription:
     """``async with ref.subscribe() as events: async for event in events: ...``."""
 
     __slots__ = (
-        "_buffer",
+        "_entered",
         "_events",
         "_limit",
         "_overflowed",
@@ -52,7 +52,7 @@ class Subscription:
         self._events: deque[Any] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._overflowed = False
-        self._buffer = 0
+        self._entered = False
         self.snapshot: Any = _NO_SNAPSHOT if snapshot else None
         self.stop_reason: StopReason | None = None  # set when the incarnation stopped
 
@@ -66,18 +66,30 @@ class Subscription:
 
     async def __aenter__(self) -> Subscription:
         ref = self._ref
+        if self._entered:
+            raise RuntimeError(f"{self!r} was entered already: call ref.subscribe() for another one")
+        self._entered = True
         await ref.attach(self)
-        if self._want_snapshot:
-            await ref._acquire()
-            try:
-                self.snapshot = copy.deepcopy(ref._agent.state)  # type: ignore[union-attr]
-                _add(ref, self)
-            finally:
-                ref._release()
-        else:
-            if not ref.alive:
+        if not self._want_snapshot:
+            _add(ref, self)  # attach raised AgentStopped if it had stopped
+            return self
+        try:
+            await ref._acquire()  # the snapshot and the registration happen in one turn
+        except BaseException:
+            # stopped or cancelled while waiting for the turn: leave no owner behind
+            await ref.detach(self)
+            raise
+        try:
+            agent = ref._agent
+            if agent is None:  # pragma: no cover - a held turn of a stopped agent
                 raise AgentStopped(f"{ref!r} has stopped")
+            self.snapshot = copy.deepcopy(agent.state)
             _add(ref, self)
+        except BaseException:
+            ref._release()
+            await ref.detach(self)
+            raise
+        ref._release()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -104,6 +116,36 @@ class Subscription:
                 await waiter
             finally:
                 self._waiter = None
+
+    @property
+    def overflowed(self) -> bool:
+        """Whether this subscriber fell more than ``subscriber_buffer`` events behind (dropped)."""
+        return self._overflowed
+
+    # -- for runtimes that forward a subscription elsewhere (the Ray shard host) ---------
+
+    def take(self) -> list[Any]:
+        """Everything buffered, in order, now (and nothing is left buffered)."""
+        events = list(self._events)
+        self._events.clear()
+        return events
+
+    def watch(self, fut: asyncio.Future[None]) -> None:
+        """Resolve ``fut`` when an event is buffered or the stream ends (at once if so).
+
+        One future may watch many subscriptions: the first of them to have news resolves it.
+        Not for a subscription that is also iterated (``__anext__`` has its own waiter).
+        """
+        if self._events or self.ended:
+            if not fut.done():
+                fut.set_result(None)
+        else:
+            self._waiter = fut
+
+    def unwatch(self, fut: asyncio.Future[None]) -> None:
+        """Stop resolving ``fut`` (set by :meth:`watch`)."""
+        if self._waiter is fut:
+            self._waiter = None
 
     def _wake(self) -> None:
         waiter = self._waiter

@@ -27,6 +27,7 @@ Only Starlette is imported (FastAPI is built on it); FastAPI resolves the ``Requ
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -43,7 +44,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "pip install 'keyhive[fastapi]'"
     ) from exc
 
-from .._errors import AgentStopped, KeyhiveError, ManagerClosed, ThawError
+from .._errors import AgentStopped, KeyhiveError, ManagerClosed, SubscriberOverflow, ThawError
+from .._events import StopReason
 from .._keys import check_key
 from .._manager import InstanceManager
 from .._ref import AgentRef
@@ -251,7 +253,11 @@ def _ws_close(exc: BaseException) -> WebSocketException:
 @contextlib.asynccontextmanager
 async def attach_websocket(websocket: WebSocket, manager: InstanceManager, key: Any, *,
                            partition: Any = None, accept: bool = True,
-                           subprotocol: str | None = None) -> AsyncIterator[AgentRef]:
+                           subprotocol: str | None = None, events: bool = False,
+                           snapshot: bool = False,
+                           snapshot_message: Callable[[Any], Any] | None = None,
+                           stop_message: Callable[[StopReason | None], Any] | None = None,
+                           ) -> AsyncIterator[AgentRef]:
     """``async with attach_websocket(ws, manager, key) as ref``: attached while the socket is open.
 
     Accepts the socket (unless ``accept=False``), gets the agent and attaches the socket
@@ -259,12 +265,31 @@ async def attach_websocket(websocket: WebSocket, manager: InstanceManager, key: 
     agent's idle timer starts when the last socket has gone. A client disconnect
     (``WebSocketDisconnect``) inside the block ends it quietly.
 
+    With ``events=True`` the socket subscribes to the agent instead (``ref.subscribe()``,
+    which is its attachment) and every event the agent publishes (``self.publish``) is
+    sent to the socket as one JSON message, in publish order, while the block goes on
+    (one task per socket, next to the block's own receive loop). With ``snapshot=True`` as
+    well, the first message is ``{"type": "snapshot", "state": <the state>}``, taken in the
+    agent's turn: the events that follow are exactly those published after it. When the
+    agent stops, the socket gets ``{"type": "stopped", "reason": "<StopReason>"}`` and is
+    closed with 1012 (reconnect: it thaws); a socket that fell more than
+    ``subscriber_buffer`` events behind is closed with 1013 (reconnect for a fresh
+    snapshot). An event that is not JSON-encodable closes the socket with 1011 (logged).
+    ``snapshot_message(state)`` and ``stop_message(reason)`` shape those two messages
+    (e.g. as the page's own ``{"type": "state", ...}``).
+
     Failures close the socket with a code instead of a stack trace: a bad key → 1008; a
     checkpoint that cannot be thawed → 1011; manager closed → 1001; the agent stopped
     under the socket (``manager.stop``) → 1012, so the client reconnects and thaws it.
     These are raised as Starlette's ``WebSocketException``, which the app closes with. Any
     other exception in the block closes the socket with 1011 and propagates (to be logged).
+
+    Raises:
+        ValueError: ``snapshot=True`` without ``events=True``.
     """
+    if snapshot and not events:
+        raise ValueError("snapshot=True sends the state before the agent's events: "
+                         "pass events=True as well")
     try:
         check_key(key)
         if partition is not None:
@@ -275,12 +300,29 @@ async def attach_websocket(websocket: WebSocket, manager: InstanceManager, key: 
         raise WebSocketException(WS_POLICY_VIOLATION, f"invalid key: {exc}"[:120]) from None
     if accept and websocket.application_state is WebSocketState.CONNECTING:
         await websocket.accept(subprotocol)
+    subscription: Any = None
     try:
         ref = await manager.get(key, partition=partition)
-        await ref.attach(websocket)
+        if events:
+            subscription = ref.subscribe(snapshot=snapshot)
+            await subscription.__aenter__()
+        else:
+            await ref.attach(websocket)
     except KeyhiveError as exc:
         _log(exc, manager, key)
         raise _ws_close(exc) from None
+    forwarder: asyncio.Task[None] | None = None
+    if subscription is not None:
+        try:
+            if snapshot:  # before the block runs, so it is the socket's first message
+                state = subscription.snapshot
+                await websocket.send_json(snapshot_message(state) if snapshot_message is not None
+                                          else {"type": "snapshot", "state": state})
+        except BaseException:
+            await subscription.__aexit__(None, None, None)  # no owner left behind
+            raise
+        forwarder = asyncio.get_running_loop().create_task(
+            _forward_events(websocket, subscription, manager, key, stop_message))
     try:
         yield ref
     except WebSocketDisconnect:
@@ -288,6 +330,8 @@ async def attach_websocket(websocket: WebSocket, manager: InstanceManager, key: 
     except KeyhiveError as exc:
         if websocket.client_state is WebSocketState.DISCONNECTED:
             raise
+        if websocket.application_state is WebSocketState.DISCONNECTED:
+            return  # the forwarder closed it already (the agent stopped)
         _log(exc, manager, key)
         raise _ws_close(exc) from None
     except WebSocketException:
@@ -301,5 +345,34 @@ async def attach_websocket(websocket: WebSocket, manager: InstanceManager, key: 
                 await websocket.close(WS_INTERNAL_ERROR, "internal error")
         raise
     finally:
-        await ref.detach(websocket)
+        if forwarder is not None:
+            forwarder.cancel()
+            await asyncio.wait([forwarder])  # not `await forwarder`: a cancel of ours goes on up
+        if subscription is not None:
+            await subscription.__aexit__(None, None, None)
+        else:
+            await ref.detach(websocket)
 
+
+async def _forward_events(websocket: WebSocket, subscription: Any, manager: InstanceManager,
+                          key: Any, stop_message: Callable[[StopReason | None], Any] | None) -> None:
+    """Send the agent's events to the socket until the stream or the socket ends."""
+    code, reason = WS_SERVICE_RESTART, "session stopped; reconnect"
+    try:
+        async for event in subscription:
+            await websocket.send_json(event)
+        reason_ = subscription.stop_reason
+        await websocket.send_json(stop_message(reason_) if stop_message is not None
+                                  else {"type": "stopped", "reason": str(reason_)})
+    except SubscriberOverflow:
+        code, reason = WS_TRY_AGAIN_LATER, "fell behind the session's events; reconnect"
+    except (WebSocketDisconnect, OSError, RuntimeError):
+        return  # the socket went away (Starlette raises RuntimeError once it is closed)
+    except (TypeError, ValueError) as exc:
+        logger.error("keyhive: %s: key %r published an event that is not JSON: %r; socket closed",
+                     manager.name, key, exc)
+        code, reason = WS_INTERNAL_ERROR, "internal error"
+    if (websocket.application_state is WebSocketState.CONNECTED
+            and websocket.client_state is WebSocketState.CONNECTED):
+        with contextlib.suppress(Exception):
+            await websocket.close(code, reason)

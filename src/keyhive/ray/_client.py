@@ -5,6 +5,12 @@ the ``shards`` named shard-host actors and sends them operations. Operations to 
 made in one loop iteration go as one batch (one Ray call); while ``_IN_FLIGHT`` batches
 are on their way to a shard, new operations wait for the next batch, so a busy client
 sends few, large batches instead of one round trip per message.
+
+Subscriptions (``RemoteRef.subscribe``) are opened on the shard host by a batched
+operation; their events come back through one long-poll ``pull`` per shard that has
+subscriptions of this client (a task per shard, never per subscriber), each batch of a
+subscription's events one codec payload. Overflow (on the host, or here when the reader
+falls behind) and the end of the stream carry across.
 """
 
 from __future__ import annotations
@@ -14,13 +20,14 @@ import contextlib
 import logging
 import uuid
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from .. import _manager as _core
 from .._agent import Agent
-from .._errors import AgentStopped, KeyhiveError, ManagerClosed
+from .._errors import AgentStopped, CodecError, KeyhiveError, ManagerClosed, SubscriberOverflow
 from .._events import Event, EventKind, StopReason
 from .._manager import InstanceManager, Stats
 from ..storage import from_url
@@ -30,13 +37,14 @@ from ._wire import RemoteError, load_error
 if TYPE_CHECKING:
     from . import RayRuntime
 
-__all__ = ["RayManager", "RemoteRef"]
+__all__ = ["RayManager", "RemoteRef", "RemoteSubscription"]
 
 logger = logging.getLogger("keyhive")
 
 _OMITTED: Any = _core._OMITTED  # the same "storage omitted" marker as the core
 _IN_FLIGHT = 2  # batches on their way to one shard at once
 _EVENT_POLL = 0.25  # seconds between polls of the shard hosts' lifecycle events
+_PULL_WAIT = 0.5  # longest a pull of subscriptions' events waits on a host with nothing to say
 
 
 def _ray() -> Any:
@@ -53,7 +61,8 @@ def _dead_errors() -> tuple[type[BaseException], ...]:
 class _Shard:
     """One shard host as seen from this client: its handle, its batch queue."""
 
-    __slots__ = ("busy", "handle", "index", "instance", "mgr", "name", "queue", "scheduled")
+    __slots__ = ("busy", "handle", "index", "instance", "mgr", "name", "puller", "queue", "scheduled",
+                 "subs")
 
     def __init__(self, mgr: RayManager, index: int, name: str, handle: Any) -> None:
         self.mgr = mgr
@@ -64,6 +73,8 @@ class _Shard:
         self.queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self.scheduled = False
         self.busy = 0
+        self.subs: dict[int, RemoteSubscription] = {}  # this client's subscriptions on this host
+        self.puller: asyncio.Task[None] | None = None
 
     def submit(self, op: tuple[Any, ...]) -> asyncio.Future[Any]:
         loop = self.mgr._loop
@@ -331,6 +342,19 @@ class RemoteRef:
             with contextlib.suppress(AgentStopped):
                 await self._send(("detach", self._inst, self._n, entry.id))
 
+    def subscribe(self, *, snapshot: bool = False) -> RemoteSubscription:
+        """``async with ref.subscribe() as events``: the events this incarnation publishes.
+
+        As :meth:`keyhive.AgentRef.subscribe`: the subscription is an owner on the shard
+        host while open (renewed by this process's pulls, dropped ``owner_ttl`` after this
+        process stops pulling); ``events.snapshot`` with ``snapshot=True``; the stream ends
+        when the incarnation stops (``events.stop_reason``), and raises
+        :class:`~keyhive.SubscriberOverflow` when more than ``subscriber_buffer`` events
+        were waiting for this reader, on the host or here. Events must be encodable by the
+        codec: one that is not ends the stream with :class:`~keyhive.CodecError`.
+        """
+        return RemoteSubscription(self, snapshot=snapshot)
+
     def touch(self) -> None:
         """Restart the idle timer when nothing is attached (sent; not awaited)."""
         if self._stop_reason is not None or not self._mgr.running:
@@ -349,6 +373,114 @@ class RemoteRef:
                 self._mark_stopped(getattr(exc, "stop_reason", StopReason.LEASE_LOST))
         assert self._stop_reason is not None
         return self._stop_reason
+
+
+class RemoteSubscription:
+    """``async with remote_ref.subscribe() as events: async for event in events: ...``."""
+
+    __slots__ = ("_error", "_events", "_limit", "_overflowed", "_ref", "_sid", "_waiter",
+                 "_want_snapshot", "snapshot", "stop_reason")
+
+    def __init__(self, ref: RemoteRef, *, snapshot: bool) -> None:
+        self._ref = ref
+        self._want_snapshot = snapshot
+        self._limit: int = ref._mgr._options.subscriber_buffer
+        self._events: deque[Any] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._overflowed = False
+        self._error: BaseException | None = None
+        self._sid: int | None = None
+        self.snapshot: Any = None
+        self.stop_reason: StopReason | None = None
+
+    def __repr__(self) -> str:
+        return f"<RemoteSubscription to {self._ref!r}, {len(self._events)} buffered>"
+
+    @property
+    def ended(self) -> bool:
+        """Whether the stream has ended (stopped, overflowed, failed, or closed)."""
+        return self.stop_reason is not None or self._overflowed or self._error is not None
+
+    @property
+    def overflowed(self) -> bool:
+        """Whether this subscriber fell more than ``subscriber_buffer`` events behind (dropped)."""
+        return self._overflowed
+
+    async def __aenter__(self) -> RemoteSubscription:
+        if self._sid is not None:
+            raise RuntimeError(f"{self!r} was entered already: call ref.subscribe() for another one")
+        ref = self._ref
+        mgr = ref._mgr
+        sid, data = await ref._send(("sub", ref._inst, ref._n, mgr._client, self._want_snapshot,
+                                     mgr._runtime.owner_ttl))
+        self._sid = sid
+        if data is not None:
+            self.snapshot = mgr._options.codec.decode(data, mgr.agent.state_type)
+        mgr._subscribed(self)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        ref = self._ref
+        mgr = ref._mgr
+        if self._sid is None:
+            return
+        shard = mgr._shards[ref._shard] if mgr._shards else None
+        if shard is not None and shard.subs.pop(self._sid, None) is not None and mgr.running:
+            with contextlib.suppress(AgentStopped, ManagerClosed):
+                await mgr._submit(ref._shard, ("unsub", mgr._client, self._sid))
+
+    def __aiter__(self) -> RemoteSubscription:
+        return self
+
+    async def __anext__(self) -> Any:
+        while True:
+            if self._events:
+                return self._events.popleft()
+            if self._overflowed:
+                raise SubscriberOverflow(
+                    f"subscriber of {self._ref!r} fell more than {self._limit} events behind and was "
+                    f"dropped (raise subscriber_buffer, or consume faster)")
+            if self._error is not None:
+                raise self._error
+            if self.stop_reason is not None:
+                raise StopAsyncIteration
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _deliver(self, events: list[Any]) -> None:
+        """Events pulled from the host, in publish order."""
+        if self.ended:
+            return
+        self._events.extend(events)
+        if len(self._events) > self._limit:  # the reader here fell behind: dropped, as on a host
+            self._events.clear()
+            self._overflowed = True
+            self._ref._mgr._unsubscribe_later(self)
+        self._wake()
+
+    def _end(self, kind: str, value: Any) -> None:
+        """The stream ended on the host (or its host died)."""
+        if kind == "overflow":
+            self._overflowed = True
+        elif kind == "codec":
+            self._error = CodecError(value)
+        else:
+            try:
+                reason = StopReason(value)
+            except ValueError:
+                reason = StopReason.STOPPED
+            self.stop_reason = reason
+            if kind == "stop":
+                self._ref._mark_stopped(reason)
+        self._wake()
 
 
 def _ignore_result(fut: asyncio.Future[Any]) -> None:
@@ -497,6 +629,15 @@ class RayManager(InstanceManager):
         if self._poller is not None:
             self._poller.cancel()
             self._poller = None
+        for shard in self._shards:  # the streams end here; the hosts drop them on "unsub"
+            if shard.puller is not None:
+                shard.puller.cancel()
+                shard.puller = None
+            for sid, sub in list(shard.subs.items()):
+                sub._end("closed", StopReason.SHUTDOWN)
+                fut = shard.submit(("unsub", self._client, sid))
+                fut.add_done_callback(_ignore_result)
+            shard.subs.clear()
         detaches = []
         for entry in list(self._owners.values()):
             for ref in list(entry.refs):
@@ -565,6 +706,54 @@ class RayManager(InstanceManager):
         for (index, instance, _), ref in list(self._refs.items()):
             if index == shard and which(instance):
                 ref._mark_stopped(StopReason.LEASE_LOST)
+
+    def _subscribed(self, sub: RemoteSubscription) -> None:
+        shard = self._shards[sub._ref._shard]
+        assert sub._sid is not None
+        shard.subs[sub._sid] = sub
+        if shard.puller is None:
+            shard.puller = self._core.spawn(self._pull_loop(shard))
+
+    def _unsubscribe_later(self, sub: RemoteSubscription) -> None:
+        """Drop ``sub`` here and on its host without waiting (it overflowed on this side)."""
+        shard = self._shards[sub._ref._shard]
+        if sub._sid is not None and shard.subs.pop(sub._sid, None) is not None and self.running:
+            shard.submit(("unsub", self._client, sub._sid)).add_done_callback(_ignore_result)
+
+    async def _pull_loop(self, shard: _Shard) -> None:
+        """Long-poll one shard host for the events of this client's subscriptions there."""
+        wait = min(_PULL_WAIT, self._runtime.owner_ttl / 3)
+        codec = self._options.codec
+        try:
+            while self._ray_state == "running" and shard.subs:
+                try:
+                    instance, rows = await shard.handle.pull.remote(self._client, wait)
+                except _dead_errors() as exc:
+                    shard.died(exc)
+                    instance, rows = None, []
+                except Exception:  # Ray itself failing: try again (the host keeps the ttl)
+                    logger.exception("keyhive: %s: pulling events from %s failed", self.name, shard.name)
+                    await asyncio.sleep(wait)
+                    continue
+                if instance is not None:
+                    shard.seen(instance)
+                for sid, data, end in rows:
+                    sub = shard.subs.get(sid)
+                    if sub is None:
+                        continue
+                    if data is not None:
+                        sub._deliver(codec.decode(data))
+                    if end is not None:
+                        shard.subs.pop(sid, None)
+                        sub._end(*end)
+                for sid, sub in list(shard.subs.items()):  # its incarnation is gone (host died)
+                    reason = sub._ref._stop_reason
+                    if reason is not None or instance is None:
+                        del shard.subs[sid]
+                        sub._end("gone", reason or StopReason.LEASE_LOST)
+        finally:
+            if shard.puller is asyncio.current_task():
+                shard.puller = None
 
     def _owner(self, owner: object) -> _Owner:
         entry = self._owners.get(owner)

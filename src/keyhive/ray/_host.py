@@ -10,6 +10,14 @@ Incarnations are named ``(instance, n)``: ``instance`` is fresh for every start 
 actor (a Ray restart is a new instance), ``n`` counts the incarnations it has handed out.
 Attachments from clients are owner ids renewed by ``renew``; one not renewed within its
 ttl is detached by the host's sweeper.
+
+Subscriptions (``RemoteRef.subscribe``): the ``sub`` operation opens a local
+subscription here (it is the owner) on behalf of a client. Each client long-polls
+``pull`` once per shard for all of its subscriptions on that shard: it answers as soon as
+one of them has events or has ended (or after ``wait`` seconds with nothing), each
+subscription's events as one codec payload, in publish order. A client's subscriptions
+that it stops pulling for longer than their ttl (a dead client process) are closed by the
+sweeper, so they stop keeping their agents alive.
 """
 
 from __future__ import annotations
@@ -27,9 +35,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._agent import Agent
-from .._errors import AgentStopped
+from .._errors import AgentStopped, CodecError
 from .._events import Event, EventKind, StopReason
 from .._manager import InstanceManager
+from .._pubsub import Subscription
 from .._ref import AgentRef
 from ._wire import dump_error
 
@@ -44,6 +53,21 @@ _GONE_KEPT = 100_000  # stopped incarnations whose reasons are remembered for re
 _EVENTS_KEPT = 10_000  # lifecycle events kept for clients that poll them (manager.subscribe)
 
 Ok = tuple[int, Any]
+# one subscription's news in a pull: (sid, codec payload of a list of events or None, end or None);
+# end: ("stop", reason) | ("overflow", limit) | ("codec", message) | ("gone", reason)
+Pulled = tuple[int, bytes | None, tuple[str, Any] | None]
+
+
+class _Subscriber:
+    """One client's subscriptions on this host, pulled together."""
+
+    __slots__ = ("seen", "subs", "ttl", "waiter")
+
+    def __init__(self, ttl: float) -> None:
+        self.subs: dict[int, Subscription] = {}
+        self.waiter: asyncio.Future[None] | None = None  # the pull waiting for news
+        self.seen = time.monotonic()
+        self.ttl = ttl
 
 
 class ShardHost:
@@ -71,6 +95,8 @@ class ShardHost:
         self._events: deque[tuple[int, str, Any, Any, str | None, str | None]] = deque(maxlen=_EVENTS_KEPT)
         self._event_seq = 0
         self._recording = False  # set by the first events() call: no cost until someone subscribes
+        self._subscribers: dict[str, _Subscriber] = {}
+        self._sub_seq = 0
 
     # -- the local manager ------------------------------------------------------------
 
@@ -251,6 +277,16 @@ class ShardHost:
             with contextlib.suppress(AgentStopped):
                 self._ref(instance, n).touch()
             return None
+        if kind == "sub":
+            _, instance, n, client, snapshot, ttl = op
+            return await self._subscribe(self._ref(instance, n), client, snapshot, ttl, codec)
+        if kind == "unsub":
+            _, client, sid = op
+            entry = self._subscribers.get(client)
+            sub = None if entry is None else entry.subs.pop(sid, None)
+            if sub is not None:
+                await sub.__aexit__(None, None, None)
+            return None
         if kind == "wait":
             _, instance, n = op
             ref = self._inc.get(n) if instance == self._instance else None
@@ -258,6 +294,83 @@ class ShardHost:
                 return self._gone.get(n, str(StopReason.LEASE_LOST))
             return str(await ref.wait_stopped())
         raise ValueError(f"unknown shard host operation {kind!r}")
+
+    async def _subscribe(self, ref: AgentRef, client: str, snapshot: bool, ttl: float,
+                         codec: Any) -> tuple[int, bytes | None]:
+        sub: Subscription = ref.subscribe(snapshot=snapshot)
+        await sub.__aenter__()
+        try:
+            data = codec.encode(sub.snapshot) if snapshot else None
+        except BaseException:
+            await sub.__aexit__(None, None, None)
+            raise
+        self._sub_seq += 1
+        sid = self._sub_seq
+        entry = self._subscribers.get(client)
+        if entry is None:
+            entry = self._subscribers[client] = _Subscriber(ttl)
+        entry.ttl = ttl
+        entry.seen = time.monotonic()
+        entry.subs[sid] = sub
+        if entry.waiter is not None:  # a pull is waiting: this one wakes it too
+            sub.watch(entry.waiter)
+        return sid, data
+
+    async def pull(self, client: str, wait: float) -> tuple[str, list[Pulled]]:
+        """News of ``client``'s subscriptions: at once when there is some, else within ``wait`` s."""
+        entry = self._subscribers.get(client)
+        if entry is None or not entry.subs:
+            return self._instance, []
+        entry.seen = time.monotonic()
+        rows = await self._drain(entry)
+        if not rows and wait > 0:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            entry.waiter = fut
+            subs = list(entry.subs.values())
+            for sub in subs:
+                sub.watch(fut)
+            try:
+                await asyncio.wait([fut], timeout=wait)
+            finally:
+                entry.waiter = None
+                for sub in subs:
+                    sub.unwatch(fut)
+            rows = await self._drain(entry)
+        entry.seen = time.monotonic()
+        return self._instance, rows
+
+    async def _drain(self, entry: _Subscriber) -> list[Pulled]:
+        """Take what every subscription of ``entry`` buffered; close the ones that ended."""
+        codec = (await self._manager())._options.codec
+        rows: list[Pulled] = []
+        ended: list[int] = []
+        for sid, sub in entry.subs.items():
+            events = sub.take()
+            end: tuple[str, Any] | None = None
+            data: bytes | None = None
+            if events:
+                try:
+                    data = codec.encode(events)
+                except CodecError as exc:  # deliver what encodes, then end with the error
+                    good: list[Any] = []
+                    for event in events:
+                        try:
+                            codec.encode(event)
+                        except CodecError:
+                            break
+                        good.append(event)
+                    data = codec.encode(good) if good else None
+                    end = ("codec", f"an event published by {sub._ref!r} cannot be encoded: {exc}")
+            if end is None and sub.ended:
+                end = (("overflow", sub._limit) if sub.overflowed
+                       else ("stop", str(sub.stop_reason or StopReason.STOPPED)))
+            if data is not None or end is not None:
+                rows.append((sid, data, end))
+            if end is not None:
+                ended.append(sid)
+        for sid in ended:
+            await entry.subs.pop(sid).__aexit__(None, None, None)
+        return rows
 
     async def renew(self, ttl: float, owners: list[str],
                     incs: list[tuple[str, int]]) -> tuple[str, list[tuple[str, int, str]]]:
@@ -320,6 +433,11 @@ class ShardHost:
             await asyncio.sleep(_SWEEP_EVERY)
             now = time.monotonic()
             expired = [owner for owner, at in self._expiry.items() if at < now]
+            for client, entry in list(self._subscribers.items()):
+                if entry.waiter is None and entry.seen + entry.ttl < now:  # its client stopped pulling
+                    del self._subscribers[client]
+                    for sub in entry.subs.values():
+                        await sub.__aexit__(None, None, None)
             for owner in expired:
                 self._expiry.pop(owner, None)
                 for ref in self._owners.pop(owner, {}).values():
