@@ -43,6 +43,8 @@ class Core:
         self.agent_opts = options.agent_opts
         self.idle_timeout = options.idle_timeout
         self.calls_touch = options.calls_touch
+        self.isolate_turns = False  # see isolate(): set by instrumentation
+        self.turn_flags = int(self.calls_touch)  # one check on the call fast path for both
         self.turn_timeout = options.turn_timeout
         self.validate_state = options.validate_state
         self.io = io
@@ -66,6 +68,12 @@ class Core:
             ("started", "thawed", "hibernated", "hibernate_failures", "thaw_failures", "stopped",
              "evicted", "writes", "lease_lost"), 0
         )
+
+    def isolate(self) -> None:
+        """Run every call's handler in a context of its own from its first step on (see
+        ``AgentRef._run_held``): what tracing needs; costs one context copy per call."""
+        self.isolate_turns = True
+        self.turn_flags = int(self.calls_touch) | 2
 
     @property
     def is_open(self) -> bool:

@@ -61,6 +61,8 @@ class RefHost(Protocol):
     agent_opts: Mapping[str, Any]
     idle_timeout: float | None
     calls_touch: bool
+    turn_flags: int  # nonzero: calls take _run_held (calls_touch, isolate_turns)
+    isolate_turns: bool
     turn_timeout: float | None
     validate_state: bool
     wheel: DeadlineWheel
@@ -192,8 +194,8 @@ class AgentRef(Lifecycle):
             return await self._call_queued(message, timeout)
         self._busy = True
         host = self._host
-        if host.calls_touch:
-            self.touch()
+        if host.turn_flags:  # calls_touch, or turns in a context of their own (one check for both)
+            return await self._run_held(message, timeout)
         coro = self._agent.handle(message)  # type: ignore[union-attr]
         try:
             yielded = coro.send(None)
@@ -232,16 +234,18 @@ class AgentRef(Lifecycle):
         host.io.encode_payload(self._agent)
 
     async def _hand_off(self, coro: Coroutine[Any, Any, Any], yielded: Any,
-                        timeout: float | None) -> Any:
+                        timeout: float | None, ctx: contextvars.Context | None = None) -> Any:
         """The handler suspended: finish its turn in a task of the manager's; wait for it."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Any] = loop.create_future()
-        # The turns held up this call chain, above our own call() frame (the new task's own
-        # frames name this ref): usually none, and then the task needs no context of its own.
-        outer = _held_chain(sys._getframe(2))  # noqa: SLF001  # the call chain, off the fast path
+        # The turns held up this call chain, above our own frames (the new task's own frames
+        # name this ref): usually none, and then the task needs no context of its own.
+        outer = [r for r in _held_chain(sys._getframe(2)) if r is not self]  # noqa: SLF001  # off the fast path
         if outer:
-            ctx = contextvars.copy_context()
+            if ctx is None:
+                ctx = contextvars.copy_context()
             ctx.run(_CHAIN.set, (*outer, self))
+        if ctx is not None:
             task = loop.create_task(self._finish_turn(coro, yielded, waiter), context=ctx)
         else:
             task = loop.create_task(self._finish_turn(coro, yielded, waiter))
@@ -333,21 +337,32 @@ class AgentRef(Lifecycle):
             elif not fut.done():
                 fut.cancel()  # _release finds it done and handles the message without us
             raise
-        # We hold the turn: run the handler as call() does.
+        remaining = None if deadline is None else max(0.0, deadline - loop.time())
+        return await self._run_held(message, remaining)
+
+    async def _run_held(self, message: Any, timeout: float | None) -> Any:
+        """Run ``handle(message)`` in the turn we hold (off the fast path: a queued call, or
+        ``calls_touch``, or turns that run in a context of their own).
+
+        With ``isolate_turns`` (set by instrumentation such as OpenTelemetry) the handler
+        runs in a copy of the caller's context from its first step on, and a suspended
+        handler goes on in that same context: a context variable set before an ``await``
+        can be reset after it (``with span: await ...``), and nothing leaks to the caller.
+        """
         host = self._host
         if host.calls_touch:
             self.touch()
         coro = self._agent.handle(message)  # type: ignore[union-attr]
+        ctx = contextvars.copy_context() if host.isolate_turns else None
         try:
-            yielded = coro.send(None)
+            yielded = coro.send(None) if ctx is None else ctx.run(coro.send, None)
         except StopIteration as done:
             self._dirty = True
             return await self._end_turn(done.value, None)
         except BaseException as exc:  # noqa: BLE001  # whatever the handler raised is its caller's answer
             self._dirty = True
             return await self._end_turn(None, exc)
-        remaining = None if deadline is None else max(0.0, deadline - loop.time())
-        return await self._hand_off(coro, yielded, remaining)
+        return await self._hand_off(coro, yielded, timeout, ctx)
 
     async def cast(self, message: Any) -> None:
         """Queue ``message`` for ``handle`` and return at once.
@@ -662,6 +677,7 @@ def _current_task(what: str) -> asyncio.Task[Any]:
 _TURN_CODES = frozenset({
     AgentRef.call.__code__,
     AgentRef._call_queued.__code__,  # noqa: SLF001  # this module's own class
+    AgentRef._run_held.__code__,  # noqa: SLF001
     AgentRef._run_cast.__code__,  # noqa: SLF001
     AgentRef._finish_turn.__code__,  # noqa: SLF001
 })

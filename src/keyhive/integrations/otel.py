@@ -204,6 +204,9 @@ class Instrumentation:
 
         self._shadow(m, "start", traced_start)
         self._wrap_parts()
+        # a handler's span opened before an await and closed after it needs the whole turn in
+        # one context (one copy per call; off unless instrumented)
+        self.core.isolate()
         self._meters.managers[id(self)] = self
         self.active = True
 
