@@ -226,7 +226,8 @@ class AgentRef(Lifecycle):
                         timeout: float | None) -> Any:
         """The handler suspended: finish its turn in a task of the manager's; wait for it."""
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        chain = (*_held_chain(sys._getframe(1)), self)  # noqa: SLF001  # the call chain, off the fast path
+        held = _held_chain(sys._getframe(1))  # noqa: SLF001  # the call chain, off the fast path
+        chain = tuple(held) if self in held else (*held, self)  # our caller's frame may hold us already
         ctx = contextvars.copy_context()
         ctx.run(_CHAIN.set, chain)
         task = asyncio.get_running_loop().create_task(self._finish_turn(coro, yielded, waiter), context=ctx)
