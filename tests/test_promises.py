@@ -92,10 +92,12 @@ def _unique(prefix: str) -> str:
 
 
 @pytest.mark.looptime
-async def test_retry_after_a_lost_reply_never_overwrites_another_writers_identical_bytes(
-        make_manager: Any) -> None:
-    """After a lost reply, a stop() retry finds another manager's write with identical payload
-    bytes and raises ConflictError instead of adopting or overwriting it (SPEC §9)."""
+@pytest.mark.parametrize("fault", ["lost_replies", "fail_save"])
+async def test_a_retry_never_overwrites_another_writers_identical_bytes(make_manager: Any,
+                                                                        fault: str) -> None:
+    """After a failed stop() write (lost reply or plain failure), another manager instance saves
+    the very same bytes; the retry raises ConflictError instead of adopting and overwriting
+    that write (identity is writer + seq in the envelope, never the bytes, SPEC §9)."""
     inner = keyhive.MemoryStorage()
     storage = FaultyStorage(inner)
     name = _unique("lost")
@@ -103,36 +105,37 @@ async def test_retry_after_a_lost_reply_never_overwrites_another_writers_identic
     a = make_manager(Box, name=name, storage=storage)
     async with a:
         await a.call("k", "incr")  # {"v": 1}
-        storage.lost_replies = 1
+        setattr(storage, fault, 1)
         with pytest.raises(keyhive.StorageError):
-            await a.stop("k")  # landed as version 1, the reply was lost
-        assert (await inner.load(skey)).version == 1
+            await a.stop("k")  # lost_replies: landed as version 1; fail_save: nothing stored
         ref_a = await a.lookup("k")
-        assert ref_a is not None and ref_a.alive  # kept alive: it cannot know it was saved
+        assert ref_a is not None and ref_a.alive  # kept alive: it cannot know what landed
 
         # Another incarnation (a second manager instance of the same name on the same storage)
-        # thaws version 1, moves the state to {"v": 2} and saves it as version 2.
+        # stores {"v": 1} too, as a newer version.
         del _manager._running[name]  # stand-in for "another process": let the second one start
         try:
             b = make_manager(Box, name=name, storage=inner)
             async with b:
-                assert await b.call("k", "incr") == 2
+                if fault == "lost_replies":  # thaws A's write; must write {"v": 1} over it anew
+                    assert await b.call("k", "incr") == 2
+                    await b.stop("k")
+                    assert await b.call("k", ("put", 1)) == 1
+                else:
+                    assert await b.call("k", "incr") == 1
                 await b.stop("k")
         finally:
             _manager._running[name] = a
         theirs = await inner.load(skey)
-        assert theirs.version == 2
-        their_writer = peek_writer(theirs.data)
+        assert theirs.version == (3 if fault == "lost_replies" else 1)
+        assert unpack(theirs.data).payload == a._core.io.encode_payload(ref_a._agent)  # identical
 
-        # The first incarnation reaches the very same state: identical payload bytes.
-        assert await ref_a.call("incr") == 2
-        assert unpack(theirs.data).payload == a._core.io.encode_payload(ref_a._agent)
         with pytest.raises(keyhive.ConflictError):
             await a.stop("k")
         after = await inner.load(skey)
-        assert after.version == 2 and after.data == theirs.data  # never overwritten
-        assert peek_writer(after.data) == their_writer
-        assert their_writer is not None and their_writer[0] != a._core.io.writer
+        assert (after.version, after.data) == (theirs.version, theirs.data)  # never overwritten
+        writer = peek_writer(after.data)
+        assert writer is not None and writer[0] != a._core.io.writer
         with pytest.raises(keyhive.UnsavedAgentsError, match="'k'"):
             await a.close()  # the conflict cannot succeed on retry: reported, not written
         assert (await inner.load(skey)).data == theirs.data
@@ -355,7 +358,7 @@ async def test_validate_state_fails_the_call_that_made_the_state_unencodable(mak
 async def test_unreachable_server_is_found_at_start(url: str) -> None:
     """start() on a closed port raises StorageError naming host, port and the OS error."""
     pytest.importorskip("redis" if url.startswith("redis") else "asyncpg")
-    m = keyhive.InstanceManager(_unique("unreachable"), Box, storage=url, storage_timeout=10)
+    m = keyhive.InstanceManager(_unique("unreachable"), Box, storage=url)
     with pytest.raises(keyhive.StorageError) as info:
         await m.start()
     text = str(info.value)
