@@ -5,6 +5,8 @@ deadline), hibernates them in batches, and backs off before the next round. The
 deadline bounds the writes themselves too: a backend call that hangs is abandoned at
 the deadline and its agent reported unsaved. A conflict cannot succeed on retry: that
 agent stops at once (CONFLICT, the newer state left in place) and is reported unsaved.
+Neither can a state the codec refuses (a ``set``, over ``max_state_bytes``): that agent
+stops UNSAVED at once, the CodecError its reported cause.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from ._errors import ConflictError, LeaseLost, UnsavedAgentsError
+from ._errors import CodecError, ConflictError, LeaseLost, UnsavedAgentsError
 from ._events import StopReason
 from ._lifecycle import RUNNING, STARTING, STOPPED
 
@@ -96,6 +98,9 @@ async def _round(core: Core, refs: list[AgentRef], deadline: float,
             last_error[ref] = error
             if isinstance(error, ConflictError) and not isinstance(error, LeaseLost):
                 await core.reaper.finish(ref, StopReason.CONFLICT, saved=False)
+                unsaved.append(ref)
+            elif isinstance(error, CodecError):  # the same state fails the same way: no retry
+                await core.reaper.finish(ref, StopReason.UNSAVED, saved=False)
                 unsaved.append(ref)
             else:
                 failed.append(ref)

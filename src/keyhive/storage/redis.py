@@ -506,7 +506,9 @@ class RedisStorage:
             async with asyncio.timeout(timeout):
                 await self._client.ping()
         except (_exceptions.RedisError, OSError, TimeoutError) as exc:
-            what = f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else repr(exc)
+            # str(), not repr(): redis-py 8's repr is "network:ConnectionError", without the OS error
+            what = f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) \
+                else f"{type(exc).__name__}: {exc}"
             raise StorageError(
                 f"cannot reach Redis at {where}: {what}; is the server running? "
                 "check host/port/password (and TLS: rediss://) in the storage URL"
