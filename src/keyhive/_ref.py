@@ -323,12 +323,11 @@ class AgentRef(Lifecycle):
         deadline = None if timeout is None else loop.time() + timeout
         entry = _Call(message, loop.create_future())
         self._queue().append(entry)
+        # the wait's timeout fails the entry itself (a plain timer, as in _hand_off): the
+        # message stays queued and is handled in its turn all the same
+        handle = None if deadline is None else loop.call_at(deadline, _time_out, entry.fut, timeout)
         try:
-            if deadline is None:
-                await entry.fut
-            else:
-                async with asyncio.timeout_at(deadline):
-                    await entry.fut
+            await entry.fut
         except BaseException:
             fut = entry.fut
             if fut.done() and not fut.cancelled() and fut.exception() is None:
@@ -337,6 +336,9 @@ class AgentRef(Lifecycle):
             elif not fut.done():
                 fut.cancel()  # _release finds it done and handles the message without us
             raise
+        finally:
+            if handle is not None:
+                handle.cancel()
         remaining = None if deadline is None else max(0.0, deadline - loop.time())
         return await self._run_held(message, remaining)
 
@@ -661,7 +663,7 @@ class AgentRef(Lifecycle):
         return subscribe(self, snapshot=snapshot)
 
 
-def _time_out(waiter: asyncio.Future[Any], timeout: float) -> None:
+def _time_out(waiter: asyncio.Future[Any], timeout: float | None) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError(f"no reply within {timeout}s (the turn goes on)"))
 
