@@ -28,6 +28,8 @@ def _python_blocks(path: Path = README) -> list[str]:
 
 def _kind(block: str) -> str:
     """Which test below runs a README block (a new kind of block needs a test here)."""
+    if "RayRuntime(" in block:
+        return "ray"  # run by tests/ray/test_readme_ray.py on the session's Ray cluster
     if "asyncio.run(main())" in block:
         return "script"
     if "FastAPI(" in block:
@@ -50,7 +52,7 @@ def test_every_readme_block_is_run_by_a_test() -> None:
     """Each Python block of the README is one of the kinds the tests below run as written."""
     kinds = [_kind(block) for block in _python_blocks()]
     assert "unknown" not in kinds, kinds
-    assert sorted(kinds) == ["fastapi", "pytest", "script"]
+    assert sorted(kinds) == ["fastapi", "pytest", "ray", "script"]
 
 
 def test_twenty_line_example_runs_and_state_survives_a_restart(tmp_path: Path) -> None:
