@@ -7,6 +7,8 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._events import StopReason
+from ._timers import schedule as _schedule  # a module-level name: an import per call costs ~1.8 µs
+from ._timers import unschedule as _unschedule
 
 if TYPE_CHECKING:
     from ._ref import AgentRef
@@ -123,15 +125,11 @@ class Agent:
             TypeError, ValueError: a bad name, time or period (a naive datetime, say).
             CodecError: the message cannot be encoded by the manager's codec.
         """
-        from ._timers import schedule
-
-        schedule(self._ref, name, when, message, every)
+        _schedule(self._ref, name, when, message, every)
 
     def unschedule(self, name: str) -> bool:
         """Cancel the timer ``name``; ``True`` when there was one. A plain call in a turn."""
-        from ._timers import unschedule
-
-        return unschedule(self._ref, name)
+        return _unschedule(self._ref, name)
 
     async def checkpoint(self) -> None:
         """Write the state to storage now, whatever the ``checkpoint`` policy.

@@ -14,10 +14,13 @@ under ``checkpoint="turn"``, write-behind, ``self.checkpoint()``). The digest th
 decides "unchanged, skip the write" covers the meta, so a turn that only schedules is a
 change.
 
-**Live agents.** A live agent with timers holds at most one ``loop.call_at`` handle, at
-its earliest due time (an agent without timers holds nothing). The handle starts one
-task that fires the due timers one by one, each in a turn of its own (queued behind
-other messages like a cast). The loop clock and the wall clock are tied by one offset
+**Live agents.** A live agent with timers has one entry, at its earliest due time, in
+its manager's heap, which holds one ``loop.call_at`` handle for the earliest of all (an
+agent without timers costs nothing; stale entries are skipped, and dropped when the heap
+is rebuilt). When it fires, due agents are taken ``_SLICE`` per loop iteration, so that
+100,000 timers falling due at once never stall the loop; each gets one task that fires
+its due timers one by one, each in a turn of its own (queued behind other messages, like
+a cast). The loop clock and the wall clock are tied by one offset
 per event loop, taken when the loop's first manager starts: a periodic timer fires at
 ``first + n * every`` exactly, never drifting, and after an outage an overdue timer
 fires once, then moves to its next due time in the future (the missed ones skipped).
@@ -41,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import heapq
 import logging
 import math
 import time
@@ -73,8 +77,10 @@ __all__ = ["AgentTimers", "Timer", "TimerService", "schedule", "timer_part", "un
 logger = logging.getLogger("keyhive")
 
 _EPS = 1e-6  # seconds: a handle the loop runs a hair early still finds its timer due
+_SLICE = 256  # due agents started per loop iteration
 _POLL_BATCH = 1000  # due_keys rows asked for first; doubled while a full page held live keys
-_WAKE_CHUNK = 512  # agents thawed at once by the poller
+_WAKE_PARALLEL = 2  # chunks of them in flight at once
+_WAKE_CHUNK = 64  # agents thawed at once by the poller: a burst of activations stays ~2 ms
 _STOPPING_RETRY = 0.05  # seconds: a timer found while its agent hibernates looks again then
 _MAX_SLEEP = 3600.0  # seconds the poller sleeps at most when nothing is due (a safety net)
 _FAR = 1e18  # an `until` later than any due time
@@ -126,13 +132,13 @@ class Timer:
 
 
 class AgentTimers:
-    """The timers of one incarnation, its loop handle, and its meta bytes (cached)."""
+    """The timers of one incarnation, where it is in the heap, and its meta bytes (cached)."""
 
-    __slots__ = ("firing", "handle", "meta", "table")
+    __slots__ = ("at", "firing", "meta", "table")
 
     def __init__(self) -> None:
         self.table: dict[str, Timer] = {}
-        self.handle: asyncio.TimerHandle | None = None
+        self.at: float | None = None  # wall time of its live entry in the manager's heap
         self.firing = False
         self.meta: bytes | None = None  # the encoded table, until it changes
 
@@ -189,8 +195,8 @@ def schedule(ref: AgentRef, name: str, when: Any, message: Any, every: Any) -> N
     timers.meta = None
     ref._dirty = True
     if ref._status is RUNNING:
-        handle = timers.handle
-        if handle is None or handle.when() > due - service.offset:
+        at = timers.at
+        if at is None or at > due:
             service.arm(ref, timers, due)
 
 
@@ -204,9 +210,8 @@ def unschedule(ref: AgentRef, name: str) -> bool:
         return False
     timers.meta = None
     ref._dirty = True
-    if not timers.table and timers.handle is not None:
-        timers.handle.cancel()  # an agent without timers holds nothing
-        timers.handle = None
+    if not timers.table:
+        timers.at = None  # its heap entry is stale now: an agent without timers holds nothing
     return True
 
 
@@ -282,9 +287,7 @@ def stopped(ref: AgentRef, saved: bool) -> None:
     timers: AgentTimers | None = None if x is None else x.timers
     if timers is None:
         return
-    if timers.handle is not None:
-        timers.handle.cancel()
-        timers.handle = None
+    timers.at = None
     service: TimerService | None = ref._host.timers  # type: ignore[attr-defined]
     if saved and timers.table and service is not None:
         service.note(min(t.due for t in timers.table.values()))
@@ -309,6 +312,11 @@ class TimerService:
         self._waking: set[str] = set()
         self._failed: dict[str, tuple[int, float]] = {}  # storage key -> (attempts, next try, wall)
         self.next_poll = math.inf  # wall time of the poller's next look (inf: none runs)
+        self._heap: list[tuple[float, int, AgentRef]] = []  # (wall time, seq, ref) of live agents
+        self._seq = 0
+        self._rebuild_at = 4096
+        self._handle: asyncio.Handle | None = None
+        self._handle_at = math.inf
         self._wakeup: asyncio.Future[None] | None = None
 
     def wall(self) -> float:
@@ -318,36 +326,74 @@ class TimerService:
     # -- live agents ----------------------------------------------------------------------------
 
     def arm(self, ref: AgentRef, timers: AgentTimers, at: float) -> None:
-        """Make ``ref``'s one handle fire at wall time ``at``."""
-        handle = timers.handle
-        if handle is not None:
-            handle.cancel()
-        timers.handle = self.loop.call_at(at - self.offset, self._due, ref, context=_BASE)
+        """File ``ref`` in the heap at wall time ``at`` (its older entry goes stale)."""
+        timers.at = at
+        self._seq += 1
+        heap = self._heap
+        heapq.heappush(heap, (at, self._seq, ref))
+        if at < self._handle_at:
+            self._set_handle(at)
+        if len(heap) > self._rebuild_at:
+            self._rebuild()
+
+    def _set_handle(self, at: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle_at = at
+        self._handle = self.loop.call_at(at - self.offset, self._tick, context=_BASE)
+
+    def _rebuild(self) -> None:
+        """Drop stale entries (an entry is live while its agent's ``at`` still names it)."""
+        live = []
+        for entry in self._heap:
+            x = entry[2]._x
+            timers = None if x is None else x.timers
+            if timers is not None and timers.at == entry[0]:
+                live.append(entry)
+        heapq.heapify(live)
+        self._heap = live
+        self._rebuild_at = 2 * len(live) + 4096
+
+    def _tick(self) -> None:
+        """The heap's handle: start the due agents, ``_SLICE`` per loop iteration."""
+        self._handle = None
+        self._handle_at = math.inf
+        heap = self._heap
+        now = self.wall() + _EPS
+        started = 0
+        while heap and heap[0][0] <= now:
+            at, _, ref = heapq.heappop(heap)
+            x = ref._x
+            timers: AgentTimers | None = None if x is None else x.timers
+            if timers is None or timers.at != at:
+                continue  # stale: moved, unscheduled or stopped since
+            timers.at = None
+            self._due(ref, timers)
+            started += 1
+            if started >= _SLICE and heap and heap[0][0] <= now:
+                self._handle_at = -math.inf  # more are due: go on after the loop's other work
+                self._handle = self.loop.call_soon(self._tick, context=_BASE)
+                return
+        if heap:
+            self._set_handle(heap[0][0])
 
     def rearm(self, ref: AgentRef) -> None:
-        """Arm ``ref``'s handle at its earliest timer (after a thaw or a round of firing)."""
+        """File ``ref`` at its earliest timer (after a thaw or a round of firing)."""
         x = ref._x
         timers: AgentTimers | None = None if x is None else x.timers
         if timers is None or timers.firing or not self.core.is_open:
             return
         if not timers.table:
-            if timers.handle is not None:
-                timers.handle.cancel()
-                timers.handle = None
+            timers.at = None
             return
         self.arm(ref, timers, min(t.at() for t in timers.table.values()))
 
-    def _due(self, ref: AgentRef) -> None:
-        x = ref._x
-        timers: AgentTimers | None = None if x is None else x.timers
-        if timers is None:
-            return
-        timers.handle = None
+    def _due(self, ref: AgentRef, timers: AgentTimers) -> None:
         status = ref._status
         if status is STOPPED or timers.firing or not self.core.is_open:
             return
         if status is STOPPING:  # a hibernate is writing: if it fails, the agent runs on
-            timers.handle = self.loop.call_later(_STOPPING_RETRY, self._due, ref, context=_BASE)
+            self.arm(ref, timers, self.wall() + _STOPPING_RETRY)
             return
         timers.firing = True
         ctx = _BASE.copy()
@@ -467,7 +513,12 @@ class TimerService:
         self._poller = core.spawn(self._poll_loop())
 
     def close(self) -> None:
-        """Close begins: stop polling."""
+        """Close begins: stop polling and firing (the drain hibernates every agent)."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._handle_at = -math.inf  # nothing is armed again
+        self._heap = []
         if self._poller is not None:
             self._poller.cancel()
             self._poller = None
@@ -525,21 +576,31 @@ class TimerService:
         timeout = options.storage_timeout
         limit = _POLL_BATCH
         seen = 0
+        in_flight: set[asyncio.Future[Any]] = set()
         while core.is_open:
             async with asyncio.timeout(timeout):
                 rows = await storage.due_keys(prefix, until, limit)
             seen += len(rows)
-            fresh = self._fresh(rows)
-            for start in range(0, len(fresh), _WAKE_CHUNK):
+            for start in range(0, len(rows), _WAKE_CHUNK):  # a slice at a time: the loop keeps running
                 if not core.is_open:
                     break
-                chunk = fresh[start:start + _WAKE_CHUNK]
-                await asyncio.gather(*(self._wake_one(*item) for item in chunk))
+                fresh = self._fresh(rows[start:start + _WAKE_CHUNK])
+                if not fresh:
+                    await asyncio.sleep(0)
+                    continue
+                if len(in_flight) >= _WAKE_PARALLEL:
+                    _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                in_flight.add(asyncio.gather(*(self._wake_one(*item) for item in fresh)))
+            if in_flight and len(rows) == limit:  # the next page must see these as live
+                await asyncio.wait(in_flight)
+                in_flight = set()
             if len(rows) < limit:
                 break
             # a full page: live keys (their index entry is refreshed by their next write) may
             # hide later ones, so look further
             limit *= 2
+        if in_flight:
+            await asyncio.wait(in_flight)
         now = self.wall()
         if seen:
             return now + options.timer_poll
