@@ -31,7 +31,7 @@ due time (logged with the key, ``EventKind.TIMER_DROPPED``). A timer's entry mov
 only in the turn that handled it, so under ``checkpoint="turn"`` the state change and
 the timer's progress are written together.
 
-**Hibernated agents.** A poller task per manager asks ``storage.due_keys`` every
+**Hibernated agents.** A poll of the manager's (a loop timer while idle) asks ``storage.due_keys`` every
 ``timer_poll`` seconds for keys due before the next poll, and ``get``s those that are
 not live; the thaw re-arms their timers from the checkpoint (due ones fire at once).
 The live agent's table is the truth: the poller never touches a live key, so a timer
@@ -308,7 +308,9 @@ class TimerService:
         self.encode = codec.encode
         self.decode = codec.decode
         self._wake = wake
-        self._poller: asyncio.Task[None] | None = None
+        self._poll_task: asyncio.Task[None] | None = None  # a poll under way
+        self._poll_handle: asyncio.TimerHandle | None = None  # the next poll
+        self._noted = math.inf  # note()s that came during a poll
         self._waking: set[str] = set()
         self._failed: dict[str, tuple[int, float]] = {}  # storage key -> (attempts, next try, wall)
         self.next_poll = math.inf  # wall time of the poller's next look (inf: none runs)
@@ -317,7 +319,6 @@ class TimerService:
         self._rebuild_at = 4096
         self._handle: asyncio.Handle | None = None
         self._handle_at = math.inf
-        self._wakeup: asyncio.Future[None] | None = None
 
     def wall(self) -> float:
         """Seconds since the epoch, by the loop's clock."""
@@ -510,7 +511,7 @@ class TimerService:
         options = core.options
         if options.shard is not None and options.shards is None:
             return  # a shard host that does not know the shard count cannot tell its keys
-        self._poller = core.spawn(self._poll_loop())
+        self._poll_due()  # at once: catch up on what fell due while nothing ran
 
     def close(self) -> None:
         """Close begins: stop polling and firing (the drain hibernates every agent)."""
@@ -519,51 +520,54 @@ class TimerService:
             self._handle = None
         self._handle_at = -math.inf  # nothing is armed again
         self._heap = []
-        if self._poller is not None:
-            self._poller.cancel()
-            self._poller = None
+        if self._poll_handle is not None:
+            self._poll_handle.cancel()
+            self._poll_handle = None
+        self.next_poll = math.inf
+        if self._poll_task is not None:
+            self._poll_task.cancel()  # a task of the manager's: close waits for it
 
     def note(self, due: float) -> None:
         """An agent hibernated with a timer due at ``due``: look at the index no later than needed."""
         at = due - self.core.options.timer_poll
-        if at < self.next_poll:
-            self.next_poll = at
-            fut = self._wakeup
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+        if self._poll_task is not None:
+            self._noted = min(self._noted, at)  # the poll under way may have looked already
+        elif at < self.next_poll:
+            self._schedule_poll(at)
 
-    async def _poll_loop(self) -> None:
-        """Poll every ``timer_poll`` while timers are due; when none is, sleep until the next one.
+    # Poll every ``timer_poll`` while timers are due; when none is, wait (a loop timer, no
+    # task) until the next one. An agent of ours that hibernates with timers calls note():
+    # only the lease holder writes these checkpoints, so nothing else adds an earlier one.
 
-        An agent of ours that hibernates with timers wakes it earlier (:meth:`note`): only the
-        lease holder writes these checkpoints, so nothing else can add an earlier one.
-        """
+    def _schedule_poll(self, at: float) -> None:
+        if self._poll_handle is not None:
+            self._poll_handle.cancel()
+        self.next_poll = at
+        self._poll_handle = self.loop.call_at(at - self.offset, self._poll_due, context=_BASE)
+
+    def _poll_due(self) -> None:
+        self._poll_handle = None
+        if self.core.is_open and self._poll_task is None:
+            self._poll_task = self.core.spawn(self._poll_once())
+
+    async def _poll_once(self) -> None:
         core = self.core
         interval = core.options.timer_poll
-        loop = self.loop
+        nxt = self.wall() + interval
         try:
-            while core.is_open:
-                lease = core.lease
-                self.next_poll = self.wall() + interval
-                if lease is None or lease.held:
-                    try:
-                        self.next_poll = await self.poll()
-                    except (ManagerClosed, OwnedElsewhere):
-                        pass
-                    except Exception as exc:  # noqa: BLE001  # storage down: try again at the next poll
-                        self.next_poll = self.wall() + interval
-                        logger.warning("keyhive: %s: polling due timers failed: %r", core.name, exc)
-                while core.is_open:
-                    delay = self.next_poll - self.wall()
-                    if delay <= 0:
-                        break
-                    fut = self._wakeup = loop.create_future()
-                    try:
-                        await asyncio.wait([fut], timeout=delay)
-                    finally:
-                        self._wakeup = None
+            lease = core.lease
+            if lease is None or lease.held:
+                try:
+                    nxt = await self.poll()
+                except (ManagerClosed, OwnedElsewhere):
+                    pass
+                except Exception as exc:  # noqa: BLE001  # storage down: try again at the next poll
+                    logger.warning("keyhive: %s: polling due timers failed: %r", core.name, exc)
         finally:
-            self.next_poll = math.inf
+            self._poll_task = None
+            nxt, self._noted = min(nxt, self._noted), math.inf
+            if core.is_open:
+                self._schedule_poll(nxt)
 
     async def poll(self) -> float:
         """Wake every hibernated agent with a timer due before the next poll; return when to
