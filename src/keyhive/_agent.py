@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._events import StopReason
+from ._timers import schedule as _schedule  # a module-level name: an import per call costs ~1.8 µs
+from ._timers import unschedule as _unschedule
 
 if TYPE_CHECKING:
     from ._ref import AgentRef
@@ -107,6 +110,26 @@ class Agent:
         from ._pubsub import publish
 
         publish(self._ref, event)
+
+    def schedule(self, name: str, when: float | timedelta | datetime, message: Any, *,
+                 every: float | timedelta | None = None) -> None:
+        """Cast ``message`` to this agent at ``when``, durably (SPEC §12); a plain call in a turn.
+
+        ``when`` is seconds from now (int, float, timedelta) or a timezone-aware
+        ``datetime``; ``every`` makes it periodic (seconds > 0), at ``when + n * every``.
+        Scheduling ``name`` again replaces that timer. The timer is written with the
+        agent's next checkpoint and survives hibernation and restarts; a handler that
+        raises is retried with backoff. The message arrives as the codec decodes it.
+
+        Raises:
+            TypeError, ValueError: a bad name, time or period (a naive datetime, say).
+            CodecError: the message cannot be encoded by the manager's codec.
+        """
+        _schedule(self._ref, name, when, message, every)
+
+    def unschedule(self, name: str) -> bool:
+        """Cancel the timer ``name``; ``True`` when there was one. A plain call in a turn."""
+        return _unschedule(self._ref, name)
 
     async def checkpoint(self) -> None:
         """Write the state to storage now, whatever the ``checkpoint`` policy.

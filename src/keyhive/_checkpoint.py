@@ -40,9 +40,15 @@ _UNSURE_MAX = 64  # a bound for an agent whose writes fail for a very long time
 _FALLBACK_CHUNK = 64  # per-item saves in flight at once when there is no usable save_many
 
 
-def digest(payload: bytes) -> bytes:
-    """What an incarnation remembers of the state it last wrote or thawed."""
-    return hashlib.blake2b(payload, digest_size=16).digest()
+def digest(payload: bytes, meta: bytes = b"") -> bytes:
+    """What an incarnation remembers of the state (and timers, ``meta``) it last wrote or thawed."""
+    if not meta:
+        return hashlib.blake2b(payload, digest_size=16).digest()
+    h = hashlib.blake2b(payload, digest_size=16)
+    h.update(b"\xffkeyhive-meta")  # meta apart from the payload: a timers-only change is a change
+    h.update(meta)
+    h.update(len(meta).to_bytes(8, "little"))
+    return h.digest()
 
 
 def storage_error(exc: BaseException) -> BaseException:
@@ -103,7 +109,9 @@ class CheckpointIO:
                 storage, "save_many", "save") else None
             self._fenced = _accepts(storage.save, "fence") and (
                 self._batch is None or _accepts(self._batch, "fence"))
-            self._timed = callable(getattr(storage, "due_keys", None)) and _accepts(storage.save, "due")
+            # a due-time index, written by every kind of write we make (save_many too)
+            self._timed = callable(getattr(storage, "due_keys", None)) and _accepts(storage.save, "due") and (
+                self._batch is None or _accepts(self._batch, "due"))
 
     @property
     def fenced(self) -> bool:
@@ -193,7 +201,7 @@ class CheckpointIO:
             ) from exc
         agent.state = state
         ref._version = version  # the ref's checkpoint slots belong to this module
-        ref._rare().digest = digest(payload)
+        ref._rare().digest = digest(payload, meta)
         return True, meta
 
     # -- writes ---------------------------------------------------------------------------------
@@ -236,9 +244,11 @@ class CheckpointIO:
             if kwargs:
                 return list(await batch(items, **kwargs))
             return list(await batch(items))
+        if not self._timed:
+            due = None  # a backend without a due-time index is never given due=
         if len(items) == 1:
             item = items[0]
-            one = {} if not kwargs else {**kwargs, "due": due[0]} if due is not None else kwargs
+            one = kwargs if due is None else {**kwargs, "due": due[0]}
             return [await storage.save(item.key, item.data, expected_version=item.expected_version, **one)]
         results: list[int | BaseException] = []
         for start in range(0, len(items), _FALLBACK_CHUNK):
@@ -278,8 +288,8 @@ class CheckpointIO:
         if len(unsure) < _UNSURE_MAX:
             unsure.add(seq)
 
-    async def resave_after_lost_reply(self, ref: AgentRef, item: SaveItem,
-                                      conflict: ConflictError) -> int | BaseException:
+    async def resave_after_lost_reply(self, ref: AgentRef, item: SaveItem, conflict: ConflictError,
+                                      due: float | None = None) -> int | BaseException:
         """A conflict after a failed write: was the stored checkpoint ours, its reply lost?
 
         It is ours only when its envelope names this writer and one of our unsure
@@ -305,4 +315,5 @@ class CheckpointIO:
                     "writing again on top of it", self.name, ref.key)
         ref._version = checkpoint.version
         x.unsure = None  # older than the adopted version now
-        return (await self.save_batch([SaveItem(item.key, item.data, checkpoint.version)]))[0]
+        resave = [SaveItem(item.key, item.data, checkpoint.version)]
+        return (await self.save_batch(resave, None if due is None else [due]))[0]

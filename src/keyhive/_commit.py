@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from ._checkpoint import digest, storage_error
 from ._errors import AgentStopped, ConflictError, LeaseLost, StorageError
 from ._lifecycle import RUNNING
+from ._timers import timer_part
 from .storage import SaveItem
 
 if TYPE_CHECKING:
@@ -39,10 +40,11 @@ _IN_FLIGHT = 4  # group-commit batches written at once
 class _Pending:
     """What waits to be written for one ref: the newest encoded state and its callers."""
 
-    __slots__ = ("data", "digest", "queued", "seq", "waiters")
+    __slots__ = ("data", "digest", "due", "queued", "seq", "waiters")
 
     def __init__(self) -> None:
         self.data: bytes | None = None
+        self.due: float | None = None  # the earliest timer of ``data``, for the due-time index
         self.seq = 0
         self.digest: bytes | None = None  # of the newest state queued or written
         self.waiters: list[asyncio.Future[None]] = []
@@ -85,7 +87,8 @@ class Committer:
         io = self.core.io
         try:
             payload = io.encode_payload(agent)
-            d = digest(payload)
+            meta, due = timer_part(ref)
+            d = digest(payload, meta)
             p = _pending(ref)
             if d == p.digest and ref._version is not None:
                 ref._dirty = False
@@ -96,8 +99,8 @@ class Committer:
                 p.waiters.append(fut)  # durable once what is queued or in flight lands
                 self._enqueue(ref, p)
                 return fut
-            p.data, p.seq = io.envelope(agent, payload)
-            p.digest = d
+            p.data, p.seq = io.envelope(agent, payload, meta)
+            p.digest, p.due = d, due
         except Exception as exc:  # noqa: BLE001  # the encode failure is the caller's answer (CodecError, size limit)
             fut = loop.create_future()
             fut.set_exception(exc)
@@ -152,6 +155,7 @@ class Committer:
         if not self.per_turn:
             refs = await self._encode_at_boundaries(refs)
         items: list[SaveItem] = []
+        dues: list[float | None] = []
         batch: list[tuple[AgentRef, _Pending, int, bytes, list[asyncio.Future[None]]]] = []
         for ref in refs:
             p = _pending(ref)
@@ -168,14 +172,15 @@ class Committer:
             x = ref._rare()
             x.writing = loop.create_future()
             items.append(SaveItem(io.key(ref), p.data, ref._version))
+            dues.append(p.due)
             batch.append((ref, p, p.seq, p.digest or b"", waiters))
             p.data = None
         if items:
-            results = await io.save_batch(items)
+            results = await io.save_batch(items, dues if any(d is not None for d in dues) else None)
             core.counters["writes"] += len(items)
-            for (ref, p, seq, d, waiters), item, result in zip(batch, items, results, strict=True):
+            for (ref, p, seq, d, waiters), item, due, result in zip(batch, items, dues, results, strict=True):
                 if isinstance(result, ConflictError) and not isinstance(result, LeaseLost):
-                    result = await io.resave_after_lost_reply(ref, item, result)
+                    result = await io.resave_after_lost_reply(ref, item, result, due)
                 x = ref._rare()
                 writing, x.writing = x.writing, None
                 if not isinstance(result, BaseException):
@@ -214,13 +219,14 @@ class Committer:
                 if not ref._dirty or ref._agent is None:
                     return
                 payload = io.encode_payload(ref._agent)
-                d = digest(payload)
+                meta, due = timer_part(ref)
+                d = digest(payload, meta)
                 p = _pending(ref)
                 ref._dirty = False
                 if d == p.digest and ref._version is not None:
                     return
-                p.data, p.seq = io.envelope(ref._agent, payload)
-                p.digest = d
+                p.data, p.seq = io.envelope(ref._agent, payload, meta)
+                p.digest, p.due = d, due
                 out.append(ref)
             except Exception as exc:  # noqa: BLE001  # a codec error is the agent's; hibernate reports it
                 logger.warning("keyhive: %s: write-behind of key %r skipped: %r",
@@ -284,19 +290,20 @@ async def checkpoint_now(core: Core, ref: AgentRef) -> None:
     while x.writing is not None:
         await asyncio.wait([x.writing])
     payload = io.encode_payload(agent)
-    d = digest(payload)
+    meta, due = timer_part(ref)
+    d = digest(payload, meta)
     p = x.commit
     if d == x.digest and ref._version is not None:
         ref._dirty = False
         return
-    data, seq = io.envelope(agent, payload)
+    data, seq = io.envelope(agent, payload, meta)
     item = SaveItem(io.key(ref), data, ref._version)
     x.writing = asyncio.get_running_loop().create_future()
     try:
-        result = (await io.save_batch([item]))[0]
+        result = (await io.save_batch([item], None if due is None else [due]))[0]
         core.counters["writes"] += 1
         if isinstance(result, ConflictError) and not isinstance(result, LeaseLost):
-            result = await io.resave_after_lost_reply(ref, item, result)
+            result = await io.resave_after_lost_reply(ref, item, result, due)
     finally:
         writing, x.writing = x.writing, None
         writing.set_result(None)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ._options import Options
     from ._ref import AgentRef
     from ._timer import DeadlineWheel
+    from ._timers import TimerService
 
 __all__ = ["CLOSED", "CLOSING", "NEW", "OPEN", "Core"]
 
@@ -64,6 +65,7 @@ class Core:
         self.reaper: Reaper = None  # type: ignore[assignment]  # set by the manager
         self.committer: Committer | None = None  # checkpoint policies other than "idle"
         self.lease: LeaseKeeper | None = None
+        self.timers: TimerService | None = None  # durable timers, set by start()
         self.counters = dict.fromkeys(
             ("started", "thawed", "hibernated", "hibernate_failures", "thaw_failures", "stopped",
              "evicted", "writes", "lease_lost"), 0

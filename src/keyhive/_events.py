@@ -41,6 +41,10 @@ class EventKind(enum.StrEnum):
     HIBERNATED = "hibernated"
     HIBERNATE_FAILED = "hibernate_failed"
     STOPPED = "stopped"
+    TIMER_FIRED = "timer_fired"
+    """A durable timer's message was handled (``self.schedule``)."""
+    TIMER_DROPPED = "timer_dropped"
+    """A timer's handler kept failing past ``timer_retries``; ``error`` is the last failure."""
 
 
 class Event(NamedTuple):
@@ -48,7 +52,7 @@ class Event(NamedTuple):
 
     ``time`` is the event loop's clock; ``reason`` is set on ``stopped`` (and on
     ``idle``/``hibernated``/``hibernate_failed`` with the reason of the stop under way);
-    ``error`` on ``thaw_failed`` and ``hibernate_failed``. A named tuple, because a busy
+    ``error`` on ``thaw_failed``, ``hibernate_failed`` and ``timer_dropped``. A named tuple, because a busy
     manager makes several per agent stop and a tuple is the cheapest immutable record.
     """
 

@@ -23,6 +23,8 @@ from ._commit import stopped as commit_stopped
 from ._errors import AgentStopped, CodecError, ConflictError, LeaseLost
 from ._events import EventKind, StopReason
 from ._lifecycle import RUNNING, STOPPED, STOPPING
+from ._timers import stopped as timers_stopped
+from ._timers import timer_part
 from .storage import SaveItem
 
 if TYPE_CHECKING:
@@ -197,6 +199,7 @@ class Reaper:
             index: list[int] = []
             seqs: list[int] = []
             digests: list[bytes] = []
+            dues: list[float | None] = []  # each agent's earliest timer, for the due-time index
             pending = [ref._x.writing for ref in refs  # a live write in flight
                        if ref._x is not None and ref._x.writing is not None]
             if pending:
@@ -213,11 +216,12 @@ class Reaper:
                     if not ref._dirty and not queued:  # no turn since the last write or thaw
                         continue
                     payload = io.encode_payload(agent)
-                    d = digest(payload)
+                    meta, due = timer_part(ref)
+                    d = digest(payload, meta)
                     if x is not None and x.digest == d and ref._version is not None:
                         ref._dirty = False
                         continue  # unchanged since it was written or thawed: keep the version
-                    data, seq = io.envelope(agent, payload)
+                    data, seq = io.envelope(agent, payload, meta)
                 except BaseException as exc:
                     if not isinstance(exc, Exception) and _our_cancellation():
                         raise
@@ -231,13 +235,16 @@ class Reaper:
                 index.append(i)
                 seqs.append(seq)
                 digests.append(d)
+                dues.append(due)
             if items:
-                results = await io.save_batch(items, timeout=timeout)
+                timed = any(due is not None for due in dues)
+                results = await io.save_batch(items, dues if timed else None, timeout=timeout)
                 core.counters["writes"] += len(items)
-                for i, item, seq, d, result in zip(index, items, seqs, digests, results, strict=True):
+                for i, item, seq, d, due, result in zip(index, items, seqs, digests, dues, results,
+                                                        strict=True):
                     ref = refs[i]
                     if isinstance(result, ConflictError) and not isinstance(result, LeaseLost):
-                        result = await io.resave_after_lost_reply(ref, item, result)
+                        result = await io.resave_after_lost_reply(ref, item, result, due)
                     if not isinstance(result, BaseException):
                         ref.written(result, d)
                         ref._dirty = False
@@ -284,6 +291,8 @@ class Reaper:
         x = ref._x
         if x is not None and x.commit is not None:
             commit_stopped(ref, saved)
+        if x is not None and x.timers is not None:
+            timers_stopped(ref, saved)
         ref.stopped(reason)
         counters = core.counters
         counters["stopped"] += 1

@@ -44,6 +44,8 @@ from ._lifecycle import RUNNING, STARTING, STOPPED
 from ._options import check_agent, parse_options
 from ._ref import AgentRef
 from ._timer import DeadlineWheel
+from ._timers import TimerService
+from ._timers import restore as restore_timers
 from .codecs import Codec
 from .storage import MemoryStorage, default_storage, from_url, is_storage
 
@@ -99,6 +101,10 @@ class InstanceManager:
     * ``hibernate_batch``: how many checkpoints go to storage in one batch;
     * ``retry_backoff``: ``(first, max)`` seconds between hibernate retries;
     * ``timer_resolution``: idle deadlines are rounded up to this many seconds;
+    * ``timer_poll``: seconds between looks at the storage's due-time index, for timers
+      of hibernated agents (SPEC §12; default 1.0);
+    * ``timer_retries``: how often a timer whose handler raises is retried (with
+      ``retry_backoff``) before it is dropped (default 5);
     * ``validate_state``: encode the state after every turn, so that the handler that
       made it unencodable is the one that fails (for tests and development).
     """
@@ -148,8 +154,11 @@ class InstanceManager:
         retry_backoff: tuple[float, float] = (0.5, 30.0),
         timer_resolution: float = 0.01,
         validate_state: bool = False,
+        timer_poll: float | timedelta = 1.0,
+        timer_retries: int = 5,
         _shard: int | None = None,
         _takeover: bool = False,
+        _shards: int | None = None,
     ) -> None:
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, not {type(name).__name__}")
@@ -164,7 +173,8 @@ class InstanceManager:
             storage_timeout=storage_timeout, turn_timeout=turn_timeout, checkpoint=checkpoint,
             validate_state=validate_state, lease_ttl=lease_ttl, lease_wait=lease_wait,
             subscriber_buffer=subscriber_buffer, max_live=max_live, checkpoint_ttl=checkpoint_ttl,
-            shard=_shard, takeover=_takeover,
+            shard=_shard, takeover=_takeover, timer_poll=timer_poll, timer_retries=timer_retries,
+            shards=_shards,
         )
         # storage: a backend object, a URL (the manager owns what it builds), or None
         self._storage_url: str | None = None
@@ -258,6 +268,8 @@ class InstanceManager:
             else:
                 core.lease = None
                 self._say_single_process(storage)
+            core.timers = TimerService(core, self._wake_for_timers)
+            core.timers.start()  # the first poll catches up on what fell due while nothing ran
         except BaseException:
             core.state = NEW if core.state is not CLOSED else CLOSED
             if _running.get(self.name) is self:
@@ -329,6 +341,8 @@ class InstanceManager:
         deadline = loop.time() + self._options.close_timeout
         core.wheel.close()
         core.reaper.close()
+        if core.timers is not None:
+            core.timers.close()
         try:
             if core.reaper.task is not None:
                 await asyncio.wait([core.reaper.task], timeout=max(0.0, deadline - loop.time()))
@@ -558,7 +572,9 @@ class InstanceManager:
             ref._agent = agent
             if core.io.storage is not None:
                 try:
-                    thawed, _meta = await core.io.thaw(ref, agent)
+                    thawed, meta = await core.io.thaw(ref, agent)
+                    if meta:
+                        restore_timers(ref, meta)  # before on_start, which may schedule too
                 except ThawError as exc:
                     self._thaw_failed(ref, exc)
                     raise
@@ -589,11 +605,17 @@ class InstanceManager:
         if core.listeners:
             core.emit(EventKind.THAWED if thawed else EventKind.STARTED, ref)
         if ref._x is not None:
+            if ref._x.timers is not None:
+                core.timers.rearm(ref)  # type: ignore[union-attr]  # set while open; due ones fire at once
             ref.notify()
             reason = ref.take_stop_request()
             if reason is not None:  # on_start called self.stop()
                 ref._request_stop(reason)
         return ref
+
+    async def _wake_for_timers(self, key: Any, partition: Any) -> None:
+        """The timer poller's ``get``: the partition as stored (``None`` is the null one)."""
+        await self._get(key, None, partition)
 
     def _thaw_failed(self, ref: AgentRef, exc: BaseException) -> None:
         core = self._core

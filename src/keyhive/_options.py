@@ -71,6 +71,9 @@ class Options:
     checkpoint_ttl: float | None
     shard: int | None  # set by a runtime's shard host: lease (name, shard) instead of the namespace
     takeover: bool  # a shard host that Ray restarted takes its lease over at once
+    timer_poll: float  # seconds between asks of the due-time index (durable timers)
+    timer_retries: int  # failed deliveries of a timer retried before it is dropped
+    shards: int | None  # set by a runtime's shard host with shard: how many shards there are
 
     def backoff(self, attempt: int) -> float:
         """Seconds before retry number ``attempt`` (1, 2, ...): doubling from first, capped."""
@@ -115,6 +118,9 @@ def parse_options(
     checkpoint_ttl: Any = None,
     shard: Any = None,
     takeover: Any = False,
+    timer_poll: Any = 1.0,
+    timer_retries: Any = 5,
+    shards: Any = None,
 ) -> Options:
     """Validate every manager option; the messages say what to write instead."""
     timeout = seconds(idle_timeout, "idle_timeout")
@@ -163,6 +169,14 @@ def parse_options(
         raise ValueError("lease_wait must be >= 0 seconds")
     if shard is not None and (isinstance(shard, bool) or not isinstance(shard, int) or shard < 0):
         raise ValueError(f"shard must be an int >= 0, not {shard!r}")
+    if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int) or shards < 1
+                               or shard is None or shard >= shards):
+        raise ValueError(f"shards must be an int > shard, given with shard, not {shards!r}")
+    poll = _positive_seconds(timer_poll, "timer_poll", allow_none=False)
+    assert poll is not None
+    if isinstance(timer_retries, bool) or not isinstance(timer_retries, int) or timer_retries < 0:
+        raise ValueError(f"timer_retries must be an int >= 0 (retries of a failing timer), "
+                         f"not {timer_retries!r}")
     return Options(
         idle_timeout=timeout if timeout is not None and timeout > 0 else None,
         registry_partitions=registry_partitions,
@@ -186,4 +200,7 @@ def parse_options(
         checkpoint_ttl=_positive_seconds(checkpoint_ttl, "checkpoint_ttl", allow_none=True),
         shard=shard,
         takeover=bool(takeover),
+        timer_poll=poll,
+        timer_retries=timer_retries,
+        shards=shards,
     )
