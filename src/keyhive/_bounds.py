@@ -247,18 +247,13 @@ class Sweeper:
         storage = core.io.storage
         prefix = storage_prefix(core.name)
         cutoff = _wall() - self.ttl
-        skipped = 0  # stale but live (or foreign): they come first in every page again
+        skipped = 0  # stale but kept (live, foreign, or not deleted): first in every page again
         deleted = 0
         while core.is_open:
             limit = _SWEEP_BATCH + skipped
             stale = await storage.stale_keys(prefix, cutoff, limit=limit)
-            todo: list[tuple[str, int]] = []
-            skipped = 0
-            for item in stale:
-                if self._live(item.key):
-                    skipped += 1
-                else:
-                    todo.append((item.key, item.version))
+            todo = [(item.key, item.version) for item in stale if not self._live(item.key)]
+            gone = 0
             for start in range(0, len(todo), _DELETES_AT_ONCE):
                 chunk = todo[start:start + _DELETES_AT_ONCE]
                 results = await asyncio.gather(*(self._delete(k, v) for k, v in chunk),
@@ -266,9 +261,11 @@ class Sweeper:
                 for result in results:
                     if isinstance(result, BaseException):
                         raise result
-                    deleted += result
-            if len(stale) < limit or not todo:
-                break
+                    gone += result
+            deleted += gone
+            if len(stale) < limit:
+                break  # that was the last page
+            skipped = len(stale) - gone  # the next page is bigger by what stays, or the same size
         self.deleted += deleted
         if deleted:
             logger.info("keyhive: %s: deleted %d checkpoints not written for %ss (checkpoint_ttl)",
