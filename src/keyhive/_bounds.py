@@ -251,7 +251,8 @@ class Sweeper:
         deleted = 0
         while core.is_open:
             limit = _SWEEP_BATCH + skipped
-            stale = await storage.stale_keys(prefix, cutoff, limit=limit)
+            async with asyncio.timeout(core.options.storage_timeout):
+                stale = await storage.stale_keys(prefix, cutoff, limit=limit)
             todo = [(item.key, item.version) for item in stale if not self._live(item.key)]
             gone = 0
             for start in range(0, len(todo), _DELETES_AT_ONCE):
