@@ -18,6 +18,7 @@ from ._keys import check_key
 from ._lifecycle import STARTING
 
 if TYPE_CHECKING:
+    from ._bounds import Evictor, Sweeper
     from ._checkpoint import CheckpointIO
     from ._commit import Committer
     from ._hibernation import Reaper
@@ -66,6 +67,8 @@ class Core:
         self.committer: Committer | None = None  # checkpoint policies other than "idle"
         self.lease: LeaseKeeper | None = None
         self.timers: TimerService | None = None  # durable timers, set by start()
+        self.evictor: Evictor | None = None  # max_live (see _bounds.py)
+        self.sweeper: Sweeper | None = None  # checkpoint_ttl (see _bounds.py)
         self.counters = dict.fromkeys(
             ("started", "thawed", "hibernated", "hibernate_failures", "thaw_failures", "stopped",
              "evicted", "writes", "lease_lost"), 0
@@ -118,6 +121,8 @@ class Core:
         reg = self.regs.get(partition)
         if reg is not None and reg.get(ref.key) is ref:
             del reg[ref.key]
+            if self.evictor is not None:
+                self.evictor.gone()
             if not reg and reg is not self.default_reg:
                 del self.regs[partition]
 

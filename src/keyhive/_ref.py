@@ -131,7 +131,8 @@ class AgentRef(Lifecycle):
     and starts again, ``get`` returns a ref that is not equal to the old one.
     """
 
-    __slots__ = ("_agent", "_busy", "_dirty", "_host", "_key", "_partition", "_version")
+    # _used: the max_live clock's bit (see _bounds.py)
+    __slots__ = ("_agent", "_busy", "_dirty", "_host", "_key", "_partition", "_used", "_version")
 
     def __init__(self, host: RefHost, key: Any, partition: Any) -> None:
         # Lifecycle.__init__, inlined (hot: one per activation)
@@ -144,6 +145,7 @@ class AgentRef(Lifecycle):
         self._busy = False
         self._dirty = False  # a turn ran since the state was last written or thawed
         self._version: int | None = None
+        self._used = False  # a get or call since max_live's clock hand last passed
 
     # -- identity -------------------------------------------------------------------
 
@@ -190,6 +192,7 @@ class AgentRef(Lifecycle):
             ReentrancyError: the call would wait for a turn held up its own call chain.
             Exception: whatever ``handle`` raised; the agent keeps running.
         """
+        self._used = True  # a call is a use (max_live's clock): one store
         if self._busy or self._status is not RUNNING:
             return await self._call_queued(message, timeout)
         self._busy = True

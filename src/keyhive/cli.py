@@ -3,6 +3,8 @@
     keyhive ls URL [--manager M] [--partition P]     keys, versions, sizes, last write
     keyhive show URL MANAGER KEY [--partition P]     the decoded state as JSON
     keyhive rm URL MANAGER KEY [--partition P] --yes delete one checkpoint
+    keyhive prune URL --older-than 30d [--manager M] [--dry-run]   delete old checkpoints
+    keyhive migrate URL --manager M --module app:Agent [--dry-run] rewrite old state versions
     keyhive --version
 
 Keys and partitions are printed by ``ls`` as shell words that paste back into ``show`` and
@@ -12,37 +14,48 @@ keyhive's JSON key form after ``json:`` (``json:7``, ``'json:["room",7]'``,
 is empty or holds control characters is printed in that form too (``'json:""'``), so
 every printed key means one key. No partition is an empty column. The commands never
 create a database or a directory: a wrong path is an error. Needs the ``cli`` extra.
+
+``prune`` and ``migrate`` write with compare-and-set only (``delete_if`` and ``save_many``
+with the version they read), so a checkpoint written meanwhile is never deleted or
+overwritten; on a storage with leases they refuse while a manager holds its lease (its
+live agents' next writes would conflict), unless ``--force``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import importlib
 import json
+import os
+import re
 import shlex
+import sys
+import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from . import __version__
-from ._errors import KeyhiveError
-from ._keys import check_key, storage_key, untag
+from ._errors import ConflictError, KeyhiveError
+from ._keys import check_key, decode_storage_key, storage_key, storage_prefix, untag
+from ._options import check_agent
 from ._stored import StoredRecord, records_under, stored_keys
-from .codecs import unpack
-from .storage import from_url
+from .codecs import JSONCodec, decode_state, pack, unpack
+from .storage import SaveItem, from_url
 
 try:
     import typer
     from rich.console import Console
     from rich.markup import escape
-    from rich.progress import Progress, SpinnerColumn, TextColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 except ModuleNotFoundError as exc:  # pragma: no cover - exercised by the import error path
     raise ImportError(
         "the keyhive command needs the 'cli' extra: pip install 'keyhive[cli]' "
         "(in a clone of keyhive: .venv/bin/pip install -e '.[cli]')"
     ) from exc
 
-__all__ = ["app", "format_key", "main", "parse_key"]
+__all__ = ["app", "format_key", "main", "parse_duration", "parse_key"]
 
 T = TypeVar("T")
 
@@ -285,6 +298,255 @@ def rm(url: str = URL, manager: str = MANAGER, key: str = KEY, partition: str | 
     if not _one_key(url, manager, key, partition, json_key, json_partition, "delete"):
         raise _fail(f"no checkpoint for {_where(manager, key, partition)}")
     err.print(f"deleted the checkpoint of {_where(manager, key, partition)}")
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as ``30d``, ``12h``, ``90m``, ``3600s`` (a bare number: seconds).
+
+    Raises:
+        ValueError: not such a duration (the message shows what to write).
+    """
+    match = _DURATION.fullmatch(text.strip().lower())
+    if match is None or float(match[1]) <= 0:
+        raise ValueError(f"--older-than takes a duration such as 30d, 12h, 90m or 3600s, not {text!r}")
+    return float(match[1]) * _UNITS[match[2] or "s"]
+
+
+async def _lease_holder(storage: Any, manager: str) -> str | None:
+    """Who holds ``manager``'s lease now (None: nobody, or the storage keeps no leases)."""
+    read = getattr(storage, "read_lease", None)
+    if not callable(read):
+        return None
+    lease = await read(f"{manager}/*")
+    if lease is None or lease.released or lease.expires_in <= 0:
+        return None
+    return str(lease.holder)
+
+
+async def _refuse_if_running(storage: Any, manager: str, force: bool, doing: str) -> None:
+    if force:
+        return
+    holder = await _lease_holder(storage, manager)
+    if holder is not None:
+        raise RuntimeError(
+            f"manager {manager!r} is running (its lease is held by {holder}): {doing} under it would make "
+            f"its live agents' next writes conflict; stop it first, or pass --force")
+
+
+def _progress(*columns: Any) -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), *columns, console=err,
+                    transient=True, disable=not err.is_terminal)
+
+
+@app.command("prune")
+def prune(
+    url: str = URL,
+    older_than: str = typer.Option(..., "--older-than", help="e.g. 30d, 12h, 90m, 3600s"),
+    manager: str | None = typer.Option(None, "--manager", "-m", help="only this manager"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="count, delete nothing"),
+    force: bool = typer.Option(False, "--force", help="even while a manager holds its lease"),
+) -> None:
+    """Delete checkpoints not written for --older-than (compare-and-set: never a newer write)."""
+    try:
+        age = parse_duration(older_than)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    storage = _open(url)
+    missing = [m for m in ("stale_keys", "delete_if", "iter_keys") if not callable(getattr(storage, m, None))]
+    if missing:
+        raise _fail(f"{storage!r} cannot prune: it has no {', '.join(missing)}")
+    prefix = "" if manager is None else storage_prefix(manager)
+    cutoff = time.time() - age
+
+    async def count() -> int:
+        found = 0
+        async for name, record in records_under(storage, prefix):
+            if (manager is None or name == manager) and record.updated_at is not None \
+                    and record.updated_at < cutoff:
+                found += 1
+        return found
+
+    async def delete(progress: Progress, task: Any) -> int:
+        checked: set[str] = set()
+        deleted = skipped = 0
+        while True:
+            limit = 1000 + skipped
+            page = await storage.stale_keys(prefix, cutoff, limit=limit)
+            gone = 0
+            for item in page:
+                try:
+                    name = decode_storage_key(item.key)[0]
+                except ValueError:
+                    continue  # not a keyhive checkpoint: never ours to delete
+                if manager is not None and name != manager:
+                    continue
+                if name not in checked:
+                    await _refuse_if_running(storage, name, force, "deleting checkpoints")
+                    checked.add(name)
+                if await storage.delete_if(item.key, item.version):
+                    gone += 1
+                    progress.update(task, description=f"deleted {_plural(deleted + gone, 'checkpoint')}")
+            deleted += gone
+            if len(page) < limit:
+                return deleted
+            skipped = len(page) - gone
+
+    async def run() -> int:
+        try:
+            with _progress() as progress:
+                task = progress.add_task("scanning", total=None)
+                return await (count() if dry_run else delete(progress, task))
+        finally:
+            await storage.aclose()
+
+    try:
+        done = _run(run())
+    except Exception as exc:  # noqa: BLE001  # any failure is one line on stderr, exit 1
+        raise _fail(_explain(exc)) from None
+    what = f"{_plural(done, 'checkpoint')} not written for {older_than}"
+    err.print(f"would delete {what} (dry run)" if dry_run else f"deleted {what}")
+
+
+def _import_agent(spec: str) -> Any:
+    """The agent class named by ``module:Class`` (the current directory is importable)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--module takes module:Class, e.g. --module app.agents:Session, not {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import {module_name!r} (from --module {spec}): {exc}") from exc
+    try:
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no {attr!r} (from --module {spec})") from None
+    return check_agent(obj)
+
+
+@app.command("migrate")
+def migrate(
+    url: str = URL,
+    manager: str = typer.Option(..., "--manager", "-m", help="the manager whose checkpoints to migrate"),
+    module: str = typer.Option(..., "--module", help="the agent class, as module:Class"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="count, write nothing"),
+    force: bool = typer.Option(False, "--force", help="even while the manager holds its lease"),
+    batch: int = typer.Option(500, "--batch", min=1, help="checkpoints per write"),
+) -> None:
+    """Rewrite checkpoints older than the class's state_version through its migrate() (JSON codec)."""
+    try:
+        cls = _import_agent(module)
+    except (ValueError, TypeError) as exc:
+        raise _fail(str(exc)) from None
+    storage = _open(url)
+    if not callable(getattr(storage, "iter_keys", None)):
+        raise _fail(f"{storage!r} cannot list its keys")
+    target: int = cls.state_version
+    codec = JSONCodec()
+    agent = cls()
+    tally = {"migrated": 0, "current": 0, "newer": 0, "conflicts": 0, "failed": 0}
+
+    def upgraded(data: bytes) -> tuple[bytes, bytes] | None:
+        """``(checkpoint rewritten at target, its meta)``, or None when it needs nothing."""
+        env = unpack(data)
+        if env.state_version >= target:
+            tally["current" if env.state_version == target else "newer"] += 1
+            return None
+        state = agent.migrate(codec.decode(env.payload), env.state_version)
+        if cls.state_type is not None:
+            state = decode_state(codec, codec.encode(state), cls.state_type, cls.allow_dropped_fields)
+        return pack(target, codec.encode(state), meta=env.meta), env.meta
+
+    due_keys = getattr(storage, "due_keys", None)
+
+    async def due_of(skey: str, meta: bytes) -> float | None:
+        """The key's time in the due-time index (a write without it would drop it)."""
+        if not meta or not callable(due_keys):
+            return None
+        found = await due_keys(skey, float("inf"), 1)  # a whole storage key is a prefix of itself only
+        return found[0][1] if found and found[0][0] == skey else None
+
+    async def write(items: list[SaveItem], dues: list[float | None]) -> None:
+        if not items:
+            return
+        save_many = getattr(storage, "save_many", None)
+        timed = any(d is not None for d in dues)
+        if callable(save_many):
+            results = list(await (save_many(items, due=dues) if timed else save_many(items)))
+        else:
+            results = []
+            for item, due in zip(items, dues, strict=True):
+                extra = {"due": due} if timed else {}
+                try:
+                    results.append(await storage.save(item.key, item.data,
+                                                      expected_version=item.expected_version, **extra))
+                except ConflictError as exc:
+                    results.append(exc)
+        if len(results) != len(items):
+            raise RuntimeError(f"save_many returned {len(results)} results for {len(items)} items")
+        for result in results:
+            if isinstance(result, ConflictError):
+                tally["conflicts"] += 1  # written meanwhile: that newer write stands
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                tally["migrated"] += 1
+
+    async def run() -> None:
+        try:
+            if not dry_run:
+                await _refuse_if_running(storage, manager, force, "rewriting checkpoints")
+            total = 0
+            async for _ in stored_keys(storage, manager):
+                total += 1
+            with _progress(BarColumn(), MofNCompleteColumn()) as progress:
+                task = progress.add_task("migrating" if not dry_run else "checking", total=total)
+                items: list[SaveItem] = []
+                dues: list[float | None] = []
+                async for record in stored_keys(storage, manager):
+                    skey = storage_key(manager, record.partition, record.key)
+                    checkpoint = await storage.load(skey)
+                    progress.advance(task)
+                    if checkpoint is None:
+                        continue  # deleted meanwhile
+                    try:
+                        new = upgraded(checkpoint.data)
+                    except Exception as exc:  # noqa: BLE001  # one bad checkpoint is reported, the others go on
+                        tally["failed"] += 1
+                        where = _where(manager, format_key(record.key), format_key(record.partition) or None)
+                        err.print(f"[red]cannot migrate[/red] {escape(where)}: {escape(str(exc))}")
+                        continue
+                    if new is None:
+                        continue
+                    if dry_run:
+                        tally["migrated"] += 1
+                        continue
+                    items.append(SaveItem(skey, new[0], checkpoint.version))
+                    dues.append(await due_of(skey, new[1]))
+                    if len(items) >= batch:
+                        await write(items, dues)
+                        items, dues = [], []
+                await write(items, dues)
+        finally:
+            await storage.aclose()
+
+    try:
+        _run(run())
+    except Exception as exc:  # noqa: BLE001  # any failure is one line on stderr, exit 1
+        raise _fail(_explain(exc)) from None
+    verb = "would migrate" if dry_run else "migrated"
+    err.print(f"{verb} {_plural(tally['migrated'], 'checkpoint')} to state_version {target}; "
+              f"{tally['current']:,} already current, {tally['newer']:,} newer (left alone), "
+              f"{tally['conflicts']:,} written meanwhile (left alone), {tally['failed']:,} failed")
+    if tally["failed"]:
+        raise typer.Exit(1)
 
 
 def main() -> None:
