@@ -134,6 +134,8 @@ async def test_a_handler_that_never_suspends_runs_in_the_callers_task(make_manag
     suspends finishes in another task."""
     async with make_manager(Where) as m:
         ref = await m.get("k")
+        for _ in range(5):  # let the manager's own start-up work (the first timer poll) finish
+            await asyncio.sleep(0)
         me = asyncio.current_task()
         count = len(asyncio.all_tasks())
         before, after, inside = await ref.call("plain")
