@@ -520,7 +520,8 @@ class RayManager(InstanceManager):
             from_url(storage)  # validates the URL now (constructed, never connected)
         self._url: str | None = storage
         self._runtime = runtime
-        self._host_options: dict[str, Any] = {**options, "storage": storage}
+        # every host knows the shard count: its timer poller fires only its own keys' timers
+        self._host_options: dict[str, Any] = {**options, "storage": storage, "_shards": runtime.shards}
         if self._host_options.get("agent_opts") is not None:
             self._host_options["agent_opts"] = dict(self._host_options["agent_opts"])
         self._listeners: tuple[Callable[[Event], None], ...] = ()
