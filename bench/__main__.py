@@ -64,6 +64,35 @@ async def run(only: set[str], quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
+# The open issues' benchmarks, each its own module (run in its own process: Ray clusters and
+# OpenTelemetry providers must not leak into the other rows): group letter -> module.
+EXTRAS = {"D": "durability", "P": "pubsub", "T": "timers", "B": "bounds", "O": "otel", "R": "ray_bench"}
+
+
+def run_extras(groups: set[str], quick: bool) -> list[dict[str, Any]]:
+    """Run ``python -m bench.<module> --json`` for each group; return their JSON (or the error)."""
+    import json
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    out = []
+    for group, module in EXTRAS.items():
+        if groups and group not in groups:
+            continue
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="keyhive-bench-") as tmp:
+            path = Path(tmp) / "rows.json"
+            cmd = [sys.executable, "-m", f"bench.{module}", "--json", str(path)]
+            cmd += ["--quick"] if quick else []
+            rc = subprocess.run(cmd, cwd=root, check=False).returncode
+            data = json.loads(path.read_text()) if rc == 0 and path.exists() else None
+        out.append({"group": group, "module": module, "returncode": rc, "data": data})
+        print(f"[bench.{module} done in {time.perf_counter() - t0:.1f}s, exit {rc}]", file=sys.stderr,
+              flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small N, for CI (under a minute)")
@@ -71,23 +100,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", metavar="W1,W3", default="", help="run only these workloads")
     parser.add_argument("--results", action="store_true",
                         help="rewrite bench/RESULTS.md (a full run writes it unless --only/--quick)")
+    names = ", ".join(f"{g}=bench.{m}" for g, m in EXTRAS.items())
+    parser.add_argument("--no-extras", action="store_true", help=f"skip the open issues' modules ({names})")
     args = parser.parse_args(argv)
     only = {w.strip().upper() for w in args.only.split(",") if w.strip()}
+    groups = {w for w in only if w in EXTRAS}
+    only -= groups
     unknown = only - set(WORKLOADS) - {"S1", "S2"}
     if unknown:
-        parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
-    rows = report.add_ratios(asyncio.run(run(only, args.quick)))
-    checks = report.check_targets(rows)
-    report.print_table(rows)
-    print()
+        parser.error(f"unknown workloads: {', '.join(sorted(unknown))} (extras: {', '.join(EXTRAS)})")
+    core = not groups or bool(only)
+    rows = report.add_ratios(asyncio.run(run(only, args.quick))) if core else []
+    extras = [] if args.no_extras or (only and not groups) else run_extras(groups, args.quick)
+    checks = report.check_targets(rows) if rows else []
+    if rows:
+        report.print_table(rows)
+        print()
     for c in checks:
         mark = "MET " if c["met"] else ("n/a " if c["met"] is None else "MISS")
         print(f"{mark} {c['target']}: {c['detail']}")
     if args.json:
-        report.write_json(args.json, rows, checks, sys.argv)
-    if args.results or not (only or args.quick):
+        report.write_json(args.json, rows, checks, sys.argv, extras)
+    if args.results or not (only or groups or args.quick):
         report.write_results(Path(__file__).with_name("RESULTS.md"), rows, checks, "python -m bench",
-                             report.analysis_text())
+                             report.analysis_text(), extras=extras)
     return 0
 
 

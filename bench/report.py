@@ -146,13 +146,44 @@ def print_table(rows: Rows) -> None:
             print(f"  note: {r['workload']} / {r['impl']}: {r['note']}")
 
 
-def write_json(path: str, rows: Rows, checks: list[dict[str, Any]], argv: list[str]) -> None:
-    Path(path).write_text(json.dumps({"machine": machine(), "argv": argv, "rows": rows, "targets": checks},
-                                     indent=2, ensure_ascii=False) + "\n")
+def write_json(path: str, rows: Rows, checks: list[dict[str, Any]], argv: list[str],
+               extras: list[dict[str, Any]] | None = None) -> None:
+    Path(path).write_text(json.dumps({"machine": machine(), "argv": argv, "rows": rows, "targets": checks,
+                                      "extras": extras or []},
+                                     indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def extras_md(extras: list[dict[str, Any]]) -> str:
+    """The open issues' modules' rows (each module's own JSON), one table per module."""
+    parts = []
+    for e in extras:
+        data = e["data"]
+        rows = data.get("rows", []) if isinstance(data, dict) else (data or [])
+        checks = data.get("checks", data.get("targets", [])) if isinstance(data, dict) else []
+        parts.append(f"### `python -m bench.{e['module']}`" + ("" if e["returncode"] == 0 else
+                                                               f" (exit {e['returncode']}: no rows)"))
+        if rows:
+            parts.append("| workload | impl | value | unit | note |\n|---|---|---|---|---|")
+            for r in rows:
+                if not isinstance(r, dict):
+                    continue
+                v = r.get("value")
+                shown = _fmt(v) if isinstance(v, int | float) else ("-" if v is None else str(v))
+                parts.append(f"| {r.get('workload', r.get('name', ''))} | {r.get('impl', '')} | {shown} | "
+                             f"{r.get('unit', '')} | {r.get('note', '')} |")
+        for c in checks if isinstance(checks, list) else []:
+            if isinstance(c, dict):
+                met = c.get("met")
+                mark = "met" if met else ("n/a" if met is None else "**missed**")
+                parts.append(f"- {mark}: {c.get('target', c.get('name', ''))} "
+                             f"{c.get('detail', c.get('ratio', c.get('value', '')))}")
+        parts.append("")
+    return "\n".join(parts)
 
 
 def write_results(path: Path, rows: Rows, checks: list[dict[str, Any]], command: str,
-                  analysis: str = "", machine_info: dict[str, Any] | None = None) -> None:
+                  analysis: str = "", machine_info: dict[str, Any] | None = None,
+                  extras: list[dict[str, Any]] | None = None) -> None:
     m = machine_info or machine()
     notes = sorted({f"- {r['workload']} / {r['impl']}: {r['note']}" for r in rows if r.get("note")})
     met = sum(1 for c in checks if c["met"])
@@ -170,6 +201,10 @@ public API). {met} of {len(checks)} targets of issues 4 and 3 are met on this ma
 Regenerate with `{command}`; `python -m bench --quick` is the CI smoke run.
 
 {table_md(rows)}
+
+## The open issues' rows (each module run in its own process, same run)
+
+{extras_md(extras or [])}
 
 ## Targets
 
