@@ -238,6 +238,8 @@ class CheckpointIO:
 
     async def _save(self, items: Sequence[SaveItem],
                     due: Sequence[float | None] | None) -> list[int | BaseException]:
+        """One batch through ``save_many``, or ``save`` per item (64 in flight) when the backend
+        has none that honours its ``save``; a fence refusal of any item raises LeaseLost."""
         storage, kwargs = self.storage, self._write_kwargs(due)
         batch = self._batch
         if batch is not None:

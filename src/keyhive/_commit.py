@@ -112,6 +112,8 @@ class Committer:
         return fut
 
     def _enqueue(self, ref: AgentRef, p: _Pending) -> None:
+        """Queue ``ref`` once, and schedule a flush: the next loop iteration ("turn") or
+        ``interval`` seconds from now (write-behind)."""
         if not p.queued:
             p.queued = True
             self.queue.append(ref)
@@ -125,6 +127,8 @@ class Committer:
     # -- flushing ---------------------------------------------------------------------------
 
     def _flush(self) -> None:
+        """Start a batch write of every queued ref with no write in flight (at most
+        ``_IN_FLIGHT`` batches at once; the rest wait for the next flush)."""
         self._scheduled = None
         if not self.queue or not self.core.is_open:
             return
@@ -149,6 +153,7 @@ class Committer:
                 task.add_done_callback(self._in_flight.discard)
 
     async def _write(self, refs: list[AgentRef]) -> None:
+        """Write one batch: one ``save_batch``, then settle each ref's waiting callers."""
         core = self.core
         io = core.io
         loop = asyncio.get_running_loop()

@@ -94,6 +94,7 @@ class LeaseKeeper:
             await asyncio.sleep(min(remaining, max(0.05, min(lease.expires_in, self.ttl / 3))))
 
     def _elsewhere(self, lease: Lease) -> OwnedElsewhere:
+        """The error for a lease another live process holds: who, since when, what to do."""
         host, _, rest = lease.holder.partition(":")
         pid = rest.partition(":")[0]
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease.acquired_at))
@@ -109,6 +110,7 @@ class LeaseKeeper:
         )
 
     def _took(self, lease: Lease, started: float) -> None:
+        """The lease is ours (``started``: when we asked): fence writes with its epoch, renew."""
         if self.epoch is not None and lease.epoch != self.epoch:
             # It passed through other hands since (we were not serving): a new epoch.
             logger.info("keyhive: %s: lease %r taken again at epoch %d", self.core.name, self.name,

@@ -314,6 +314,7 @@ class InstanceManager:
 
     @staticmethod
     def _say_single_process(storage: Any) -> None:
+        """Log once per backend type that a shared storage without leases is single-process."""
         if storage is None or isinstance(storage, MemoryStorage):
             return  # nothing shared: one process is all there is
         kind = type(storage).__qualname__
@@ -346,6 +347,8 @@ class InstanceManager:
     aclose = close
 
     async def _close(self) -> None:
+        """Close: the fast path sees no registry, queued stops and timers end, queued durable
+        writes land, the drain hibernates everyone, tasks are cancelled, the lease is released."""
         core = self._core
         core.state = CLOSING
         self._default_reg = _CLOSED_REGISTRY  # the closing rule (module docstring)

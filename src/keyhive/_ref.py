@@ -412,6 +412,7 @@ class AgentRef(Lifecycle):
         await self._finish_turn(coro, yielded, None)
 
     async def _finish_done(self, error: BaseException | None, queued: bool) -> None:
+        """A cast (or an orphaned call) whose handler finished without suspending: end the turn."""
         host = self._host
         durable = None
         try:
@@ -508,6 +509,7 @@ class AgentRef(Lifecycle):
         self._busy = False
 
     def _fail_waiters(self) -> None:
+        """The incarnation stopped: every queued caller gets AgentStopped (never stranded)."""
         x = self._x
         waiters = None if x is None else x.waiters
         if not waiters:
@@ -627,6 +629,7 @@ class AgentRef(Lifecycle):
         self._detach(task)
 
     def _detach(self, owner: object) -> bool:
+        """Remove ``owner``; a last one gone re-arms the idle timer. True when it was attached."""
         if self._status is STOPPED:
             return False
         host = self._host

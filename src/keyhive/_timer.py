@@ -75,6 +75,7 @@ class DeadlineWheel:
             item._deadline = at
 
     def _fire(self, at: float) -> None:
+        """The slot at ``at`` is due: hand its due items to ``on_due``, re-file the others."""
         slot = self._slots.pop(at, None)
         self._handles.pop(at, None)
         if not slot:
