@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._checkpoint import digest, storage_error
 from ._errors import AgentStopped, ConflictError, LeaseLost, StorageError
+from ._events import StopReason
 from ._lifecycle import RUNNING
 from .storage import SaveItem
 
@@ -80,8 +81,11 @@ class Committer:
             self._enqueue(ref, _pending(ref))
             return None
         agent = ref._agent
-        assert agent is not None
         loop = asyncio.get_running_loop()
+        if agent is None:  # stopped during the turn (its lease was lost): nothing is written
+            failed: asyncio.Future[None] = loop.create_future()
+            failed.set_exception(_stopped_during_turn(ref))
+            return failed
         io = self.core.io
         try:
             payload = io.encode_payload(agent)
@@ -256,6 +260,15 @@ def _settle(waiters: list[asyncio.Future[None]], error: BaseException | None) ->
             fut.exception()  # a caller that left does not make it a lost error
 
 
+def _stopped_during_turn(ref: AgentRef) -> StorageError:
+    """The answer to a turn whose incarnation stopped while it ran: its state is not written."""
+    reason = ref.stop_reason
+    if reason is StopReason.LEASE_LOST:
+        return LeaseLost(f"{ref!r} lost its lease during this turn: its state was not written "
+                         f"(another process owns the key now)")
+    return StorageError(f"{ref!r} stopped ({reason}) during this turn: its state was not written")
+
+
 def stopped(ref: AgentRef, saved: bool) -> None:
     """``ref`` stopped: callers waiting for durability learn whether the stop wrote it."""
     x = ref._x
@@ -279,7 +292,8 @@ async def checkpoint_now(core: Core, ref: AgentRef) -> None:
     if io.storage is None:
         return
     agent = ref._agent
-    assert agent is not None
+    if agent is None:  # stopped during this turn (its lease was lost): it writes nothing more
+        raise _stopped_during_turn(ref)
     x = ref._rare()
     while x.writing is not None:
         await asyncio.wait([x.writing])

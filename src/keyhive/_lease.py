@@ -159,7 +159,8 @@ class LeaseKeeper:
             return
         core = self.core
         self.epoch = None
-        core.io.fence = None
+        # io.fence keeps the old epoch: a write still on its way is refused by the storage
+        # itself (LeaseLost), never sent unfenced
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
@@ -173,8 +174,7 @@ class LeaseKeeper:
 
     async def release(self) -> None:
         """Give the lease up (close): a successor takes it over at once."""
-        epoch, self.epoch = self.epoch, None
-        self.core.io.fence = None
+        epoch, self.epoch = self.epoch, None  # io.fence stays: a released lease refuses it
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
