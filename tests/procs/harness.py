@@ -75,18 +75,21 @@ class Child:
             self._new.set()
         self._new.set()
 
-    async def expect(self, prefix: str, *, after: int = 0, timeout: float = 30.0) -> str:
+    async def expect(self, prefix: str | tuple[str, ...], *, after: int = 0, timeout: float = 30.0) -> str:
         """The first line from index ``after`` on that starts with ``prefix`` (waiting for it)."""
-        async with asyncio.timeout(timeout):
-            while True:
-                for line in self.lines[after:]:
-                    if line.startswith(prefix):
-                        return line
-                if self._reader.done():
-                    raise AssertionError(f"child exited without printing {prefix!r}; printed "
-                                         f"{self.lines[-20:]}; stderr:\n{self.stderr()}")
-                self._new.clear()
-                await self._new.wait()
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    for line in self.lines[after:]:
+                        if line.startswith(prefix):
+                            return line
+                    if self._reader.done():
+                        raise AssertionError(f"child exited without printing {prefix!r}")
+                    self._new.clear()
+                    await self._new.wait()
+        except (AssertionError, TimeoutError) as exc:
+            raise AssertionError(f"{exc or 'timeout'}: waiting for {prefix!r}; the child printed "
+                                 f"{self.lines[after:][-20:]}; stderr:\n{self.stderr()}") from None
 
     def send(self, line: str) -> None:
         """Write one command line to the child's stdin."""
