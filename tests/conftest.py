@@ -78,8 +78,9 @@ def postgres_server() -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[Any]:
     """A private Ray cluster for the session (tests/ray/cluster.py); this process is its driver."""
+    from .ray.cluster import local_cluster  # sets Ray's environment: before Ray is imported
+
     pytest.importorskip("ray", reason="needs keyhive[ray]")
-    from .ray.cluster import local_cluster  # sets Ray's loopback-only environment first
 
     with local_cluster() as cluster:
         import ray
