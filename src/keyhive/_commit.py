@@ -125,9 +125,9 @@ class Committer:
 
     # -- flushing ---------------------------------------------------------------------------
 
-    def _flush(self) -> None:
+    def _flush(self, *, closing: bool = False) -> None:
         self._scheduled = None
-        if not self.queue or not self.core.is_open:
+        if not self.queue or not (closing or self.core.is_open):
             return
         refs, keep = [], []
         for ref in self.queue:
@@ -242,7 +242,7 @@ class Committer:
             self._scheduled = None
         while self.queue or self._in_flight:
             if self.queue and len(self._in_flight) < _IN_FLIGHT:
-                self._flush()
+                self._flush(closing=True)  # close's settle: the manager is no longer open
             if self._in_flight:
                 await asyncio.wait(set(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
             elif self.queue:

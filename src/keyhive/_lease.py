@@ -133,9 +133,10 @@ class LeaseKeeper:
         interval = self.ttl / 3
         delay = interval
         try:
-            while self.core.is_open and self.epoch is not None:
+            # also while closing: the drain's writes need the lease (release() ends this loop)
+            while self.epoch is not None:
                 await asyncio.sleep(delay)
-                if self.epoch is None or not self.core.is_open:
+                if self.epoch is None:
                     break
                 try:
                     lease, started = await self._acquire_once(takeover=False)

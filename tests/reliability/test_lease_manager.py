@@ -156,3 +156,38 @@ async def test_stopped_holder_resumed_after_takeover_writes_nothing(url: str, tm
         await child.reap()
     assert await items_of(url, NAME, "a") == [1, 200]
     assert await items_of(url, NAME, "b") == [1, 100, 101]
+
+
+class _SlowToHibernate(Log):
+    """A Log whose on_hibernate outlasts a short lease_ttl."""
+
+    async def on_hibernate(self) -> None:
+        await asyncio.sleep(0.6)
+
+
+@pytest.mark.timeout(30)
+async def test_a_close_longer_than_lease_ttl_keeps_renewing_and_saves_everything(tmp_path: Path) -> None:
+    """A close whose hibernates outlast lease_ttl keeps the lease renewed and saves every agent."""
+    url = f"sqlite:///{tmp_path}/slow.db"
+    manager = keyhive.InstanceManager("slow", _SlowToHibernate, storage=url, lease_ttl=0.3)
+    async with manager:
+        await manager.call("a", ("add", 1))
+    assert manager._core.counters["lease_lost"] == 0
+    assert manager._core.counters["hibernated"] == 1
+    assert await items_of(url, "slow", "a") == [1]
+
+
+@pytest.mark.timeout(30)
+async def test_write_behind_close_writes_dirty_agents_at_once(tmp_path: Path) -> None:
+    """close() of a write-behind manager writes its changed agents at once (no wait for the deadline)."""
+    url = f"sqlite:///{tmp_path}/behind.db"
+    manager = keyhive.InstanceManager("behind", Log, storage=url, checkpoint=30.0)
+    await manager.start()
+    for key in ("a", "b", "c"):
+        await manager.call(key, ("add", 1))
+    started = time.monotonic()
+    await asyncio.wait_for(manager.close(), 5)
+    assert time.monotonic() - started < 2
+    assert manager._core.counters["lease_lost"] == 0
+    for key in ("a", "b", "c"):
+        assert await items_of(url, "behind", key) == [1]
