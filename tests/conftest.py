@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -52,3 +52,42 @@ async def manager(make_manager: Callable[..., keyhive.InstanceManager]) -> Async
     """A running Counter manager on its own memory storage, no idle timeout."""
     async with make_manager() as m:
         yield m
+
+
+# -- session servers, shared by every directory (one of each per session) ---------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Any]:
+    """A private redis-server on 127.0.0.1, started for the session."""
+    from .storage import servers
+
+    with servers.redis_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """A private PostgreSQL cluster on 127.0.0.1, started for the session."""
+    from .storage import servers
+
+    with servers.postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """A private Ray cluster for the session (tests/ray/cluster.py); this process is its driver."""
+    from .ray.cluster import local_cluster  # sets Ray's environment: before Ray is imported
+
+    pytest.importorskip("ray", reason="needs keyhive[ray]")
+
+    with local_cluster() as cluster:
+        import ray
+
+        ray.init(address=cluster.address, namespace="keyhive", log_to_driver=False,
+                 configure_logging=False)
+        try:
+            yield cluster
+        finally:
+            ray.shutdown()

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._checkpoint import digest, storage_error
 from ._errors import AgentStopped, ConflictError, LeaseLost, StorageError
+from ._events import StopReason
 from ._lifecycle import RUNNING
 from ._timers import timer_part
 from .storage import SaveItem
@@ -82,8 +83,11 @@ class Committer:
             self._enqueue(ref, _pending(ref))
             return None
         agent = ref._agent
-        assert agent is not None
         loop = asyncio.get_running_loop()
+        if agent is None:  # stopped during the turn (its lease was lost): nothing is written
+            failed: asyncio.Future[None] = loop.create_future()
+            failed.set_exception(_stopped_during_turn(ref))
+            return failed
         io = self.core.io
         try:
             payload = io.encode_payload(agent)
@@ -126,11 +130,12 @@ class Committer:
 
     # -- flushing ---------------------------------------------------------------------------
 
-    def _flush(self) -> None:
+    def _flush(self, *, closing: bool = False) -> None:
         """Start a batch write of every queued ref with no write in flight (at most
-        ``_IN_FLIGHT`` batches at once; the rest wait for the next flush)."""
+        ``_IN_FLIGHT`` batches at once; the rest wait for the next flush). ``closing``: close's
+        own flush, which runs while the manager is no longer open."""
         self._scheduled = None
-        if not self.queue or not self.core.is_open:
+        if not self.queue or not (closing or self.core.is_open):
             return
         refs, keep = [], []
         for ref in self.queue:
@@ -249,7 +254,7 @@ class Committer:
             self._scheduled = None
         while self.queue or self._in_flight:
             if self.queue and len(self._in_flight) < _IN_FLIGHT:
-                self._flush()
+                self._flush(closing=True)  # close's settle: the manager is no longer open
             if self._in_flight:
                 await asyncio.wait(set(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
             elif self.queue:
@@ -265,6 +270,15 @@ def _settle(waiters: list[asyncio.Future[None]], error: BaseException | None) ->
         else:
             fut.set_exception(error)
             fut.exception()  # a caller that left does not make it a lost error
+
+
+def _stopped_during_turn(ref: AgentRef) -> StorageError:
+    """The answer to a turn whose incarnation stopped while it ran: its state is not written."""
+    reason = ref.stop_reason
+    if reason is StopReason.LEASE_LOST:
+        return LeaseLost(f"{ref!r} lost its lease during this turn: its state was not written "
+                         f"(another process owns the key now)")
+    return StorageError(f"{ref!r} stopped ({reason}) during this turn: its state was not written")
 
 
 def stopped(ref: AgentRef, saved: bool) -> None:
@@ -290,7 +304,8 @@ async def checkpoint_now(core: Core, ref: AgentRef) -> None:
     if io.storage is None:
         return
     agent = ref._agent
-    assert agent is not None
+    if agent is None:  # stopped during this turn (its lease was lost): it writes nothing more
+        raise _stopped_during_turn(ref)
     x = ref._rare()
     while x.writing is not None:
         await asyncio.wait([x.writing])

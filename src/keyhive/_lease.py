@@ -140,9 +140,10 @@ class LeaseKeeper:
         interval = self.ttl / 3
         delay = interval
         try:
-            while self.core.is_open and self.epoch is not None:
+            # also while closing: the drain's writes need the lease (release() ends this loop)
+            while self.epoch is not None:
                 await asyncio.sleep(delay)
-                if self.epoch is None or not self.core.is_open:
+                if self.epoch is None:
                     break
                 try:
                     lease, started = await self._acquire_once(takeover=False)
@@ -181,7 +182,7 @@ class LeaseKeeper:
         is ours again (the fence is updated: retry the write); else stop serving."""
         if self._recovering is not None and self._recovering is not asyncio.current_task():
             await asyncio.wait([self._recovering])
-            return self.epoch is not None and self.core.io.fence is not None
+            return self.epoch is not None
         if self.epoch is None:
             return False
         try:
@@ -209,7 +210,8 @@ class LeaseKeeper:
             return
         core = self.core
         self.epoch = None
-        core.io.fence = None
+        # io.fence keeps the old epoch: a write still on its way is refused by the storage
+        # itself (LeaseLost), never sent unfenced
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
@@ -223,8 +225,7 @@ class LeaseKeeper:
 
     async def release(self) -> None:
         """Give the lease up (close): a successor takes it over at once."""
-        epoch, self.epoch = self.epoch, None
-        self.core.io.fence = None
+        epoch, self.epoch = self.epoch, None  # io.fence stays: a released lease refuses it
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None

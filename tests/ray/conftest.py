@@ -1,17 +1,17 @@
-"""One private local Ray cluster for every Ray test (started once per session, on 127.0.0.1)."""
+"""The Ray tests' fixtures (the session cluster itself, `ray_cluster`, is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
 import keyhive
 
-from .cluster import Cluster, local_cluster
+from .cluster import Cluster
 
 try:
     import ray  # noqa: F401
@@ -21,18 +21,8 @@ except ImportError:
     collect_ignore_glob = ["test_*.py"]  # Ray is not installed: pip install 'keyhive[ray]'
 
 
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[Cluster]:
-    """A private Ray cluster for the session; this process is its driver."""
-    with local_cluster() as cluster:
-        import ray
-
-        ray.init(address=cluster.address, namespace="keyhive", log_to_driver=False,
-                 configure_logging=False)
-        try:
-            yield cluster
-        finally:
-            ray.shutdown()
+# ray_cluster (the session cluster) lives in tests/conftest.py: one cluster per session,
+# shared with the web-worker tests.
 
 
 @pytest.fixture

@@ -12,8 +12,6 @@ import pytest
 import keyhive
 from keyhive.storage.sqlite import SQLiteStorage
 
-from . import servers
-
 BACKENDS = ["memory", "file", "sqlite", "redis", "postgres"]
 
 
@@ -90,15 +88,5 @@ def make_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[st
     return make  # type: ignore[return-value]
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Any:
-    """A private redis-server on 127.0.0.1, started for the session."""
-    with servers.redis_server() as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Any:
-    """A private PostgreSQL cluster on 127.0.0.1, started for the session."""
-    with servers.postgres_server() as server:
-        yield server
+# redis_server and postgres_server (session fixtures) live in tests/conftest.py: one server
+# per session for every directory that needs one.

@@ -1,0 +1,1 @@
+"""Child processes of the multi-process tests (crashes, leases, web workers)."""
