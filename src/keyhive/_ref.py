@@ -218,18 +218,36 @@ class AgentRef(Lifecycle):
 
     async def _end_turn(self, result: Any, error: BaseException | None) -> Any:
         """A turn ended in the caller's task, with a checkpoint policy or validation on."""
-        host = self._host
-        try:
-            if host.validate_state and error is None:
-                self._validate()
-            durable = None if host.committer is None else host.committer.turn_ended(self)
-        finally:
-            self._release()
-        if durable is not None:
-            await durable
+        error = await self._close_turn(error)
         if error is not None:
             raise error
         return result
+
+    async def _close_turn(self, error: BaseException | None) -> BaseException | None:
+        """End a turn whose handler finished (``error``: what it raised): validate the state
+        (``validate_state``), queue its write (checkpoint policies), release the turn, and
+        wait until the write is durable (``"turn"``). Returns the turn's error: the
+        handler's, else the validation's, else the write's."""
+        host = self._host
+        durable = None
+        try:
+            self._dirty = True
+            if host.validate_state and error is None:
+                try:
+                    self._validate()
+                except Exception as exc:  # noqa: BLE001  # validate_state: the encode error is the turn's
+                    error = exc
+            if host.committer is not None:
+                durable = host.committer.turn_ended(self)
+        finally:
+            self._release()
+        if durable is not None:
+            try:
+                await durable
+            except Exception as exc:  # noqa: BLE001  # a failed durable write is the turn's error
+                if error is None:
+                    error = exc
+        return error
 
     def _validate(self) -> None:
         """``validate_state=True``: the handler that left an unencodable state fails."""
@@ -285,24 +303,7 @@ class AgentRef(Lifecycle):
                     raise
         except BaseException as exc:  # noqa: BLE001  # whatever the handler raised is its caller's answer
             error = exc
-        durable = None
-        try:
-            self._dirty = True
-            if host.validate_state and error is None:
-                try:
-                    self._validate()
-                except Exception as exc:  # noqa: BLE001  # validate_state: the encode error is the caller's answer
-                    error = exc
-            if host.committer is not None:
-                durable = host.committer.turn_ended(self)
-        finally:
-            self._release()
-        if durable is not None:
-            try:
-                await durable
-            except Exception as exc:  # noqa: BLE001  # a failed durable write is the caller's answer
-                if error is None:
-                    error = exc
+        error = await self._close_turn(error)
         if waiter is None or waiter.done():  # the caller left (or this is a cast)
             if isinstance(error, Exception):
                 logger.error("keyhive: %s: %s to key %r failed after its caller left: %r",
@@ -414,23 +415,7 @@ class AgentRef(Lifecycle):
     async def _finish_done(self, error: BaseException | None, queued: bool) -> None:
         """A cast (or an orphaned call) whose handler finished without suspending: end the turn."""
         host = self._host
-        durable = None
-        try:
-            self._dirty = True
-            if host.validate_state and error is None:
-                try:
-                    self._validate()
-                except Exception as exc:  # noqa: BLE001  # validate_state: the encode error is logged with the key
-                    error = exc
-            if host.committer is not None:
-                durable = host.committer.turn_ended(self)
-        finally:
-            self._release()
-        if durable is not None:
-            try:
-                await durable
-            except Exception as exc:  # noqa: BLE001  # a failed durable write is logged with the key
-                error = error or exc
+        error = await self._close_turn(error)
         if isinstance(error, Exception):
             logger.error("keyhive: %s: %s to key %r failed: %r", host.name,
                          "call whose caller left" if queued else "cast", self._key, error, exc_info=error)
