@@ -32,6 +32,8 @@ logger = logging.getLogger("keyhive")
 
 NEW, OPEN, CLOSING, CLOSED = "new", "running", "closing", "closed"
 
+_new_event = tuple.__new__
+
 
 class Core:
     """The shared internals of one manager (one object per manager)."""
@@ -83,8 +85,10 @@ class Core:
              error: BaseException | None = None) -> None:
         """Send one lifecycle event to every listener (callers check ``listeners`` first)."""
         loop = self.loop
-        event = Event(kind, self.name, ref.key, ref.partition,
-                      loop.time() if loop is not None else 0.0, reason, error)
+        # tuple.__new__ skips the named tuple's Python-level __new__: a hibernate storm emits
+        # three events per agent while a listener is subscribed
+        event = _new_event(Event, (kind, self.name, ref._key, ref._partition,
+                                   loop.time() if loop is not None else 0.0, reason, error))
         for callback in self.listeners:
             try:
                 callback(event)
