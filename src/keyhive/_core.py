@@ -108,10 +108,10 @@ class Core:
     def unregister(self, ref: AgentRef) -> None:
         """Forget ``ref``'s key; an emptied registry of a partition other than the default
         is dropped, so one-shot tenants leave nothing behind."""
-        partition = ref.partition
+        partition, key = ref._partition, ref._key  # the slots: one per stopping agent of a storm
         reg = self.regs.get(partition)
-        if reg is not None and reg.get(ref.key) is ref:
-            del reg[ref.key]
+        if reg is not None and reg.get(key) is ref:
+            del reg[key]
             if not reg and reg is not self.default_reg:
                 del self.regs[partition]
 
