@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 import keyhive
 from keyhive import SaveItem
-from keyhive.storage import Checkpoint
+from keyhive.storage import Checkpoint, Fence
 
 
 async def test_a_conflict_free_batch_of_inserts_and_updates(storage: Any) -> None:
@@ -45,3 +48,37 @@ async def test_a_key_twice_in_a_batch_ends_with_the_second_due_time(storage: Any
     results = await storage.save_many([SaveItem("b", b"2", 1), SaveItem("b", b"3", 2)], due=[None, 7.0])
     assert results == [2, 3]
     assert await storage.due_keys("", 100.0) == [("b", 7.0)]
+
+
+@pytest.mark.parametrize("update_from", [True, False])
+async def test_sqlite_batch_sizes_and_old_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 update_from: bool) -> None:
+    """SQLite writes batches of any size through its statement chunks, also without UPDATE … FROM."""
+    from keyhive.storage import sqlite
+
+    monkeypatch.setattr(sqlite, "_UPDATE_FROM", update_from)
+    storage = sqlite.SQLiteStorage(tmp_path / "b.db")
+    try:
+        for size in (1, 2, 3, 127, 128, 129, 300, 513):
+            keys = [f"s{size}-{i}" for i in range(size)]
+            assert await storage.save_many([SaveItem(k, b"a", None) for k in keys]) == [1] * size
+            dues = [1.0 if i % 2 else None for i in range(size)]
+            assert await storage.save_many([SaveItem(k, k.encode(), 1) for k in keys], due=dues) == [2] * size
+            for k in keys[:: max(1, size // 7)]:
+                assert await storage.load(k) == Checkpoint(k.encode(), 2)
+            assert len(await storage.due_keys(f"s{size}-", 10.0, limit=1000)) == size // 2
+    finally:
+        await storage.aclose()
+
+
+async def test_a_fenced_batch_with_a_conflict_writes_the_others(lease_storage: Any) -> None:
+    """Under a held lease, a batch with one conflicting item writes every other item once."""
+    lease = await lease_storage.acquire_lease("m", "me", 30.0)
+    fence = Fence("m", lease.epoch)
+    await lease_storage.save("k0", b"v1", expected_version=None)
+    items = [SaveItem("k0", b"v2", 1), SaveItem("k1", b"v1", None), SaveItem("k2", b"x", 4)]
+    results = await lease_storage.save_many(items, fence=fence)
+    assert results[:2] == [2, 1] and isinstance(results[2], keyhive.ConflictError)
+    assert await lease_storage.load("k0") == Checkpoint(b"v2", 2)
+    assert await lease_storage.load("k1") == Checkpoint(b"v1", 1)
+    assert await lease_storage.load("k2") is None
