@@ -34,6 +34,8 @@ logger = logging.getLogger("keyhive")
 
 NEW, OPEN, CLOSING, CLOSED = "new", "running", "closing", "closed"
 
+_new_event = tuple.__new__
+
 
 class Core:
     """The shared internals of one manager (one object per manager)."""
@@ -96,8 +98,10 @@ class Core:
              error: BaseException | None = None) -> None:
         """Send one lifecycle event to every listener (callers check ``listeners`` first)."""
         loop = self.loop
-        event = Event(kind, self.name, ref.key, ref.partition,
-                      loop.time() if loop is not None else 0.0, reason, error)
+        # tuple.__new__ skips the named tuple's Python-level __new__: a hibernate storm emits
+        # three events per agent while a listener is subscribed
+        event = _new_event(Event, (kind, self.name, ref._key, ref._partition,
+                                   loop.time() if loop is not None else 0.0, reason, error))
         for callback in self.listeners:
             try:
                 callback(event)
@@ -117,10 +121,10 @@ class Core:
     def unregister(self, ref: AgentRef) -> None:
         """Forget ``ref``'s key; an emptied registry of a partition other than the default
         is dropped, so one-shot tenants leave nothing behind."""
-        partition = ref.partition
+        partition, key = ref._partition, ref._key  # the slots: one per stopping agent of a storm
         reg = self.regs.get(partition)
-        if reg is not None and reg.get(ref.key) is ref:
-            del reg[ref.key]
+        if reg is not None and reg.get(key) is ref:
+            del reg[key]
             if self.evictor is not None:
                 self.evictor.gone()
             if not reg and reg is not self.default_reg:

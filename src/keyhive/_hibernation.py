@@ -36,6 +36,7 @@ __all__ = ["POLICY", "Reaper"]
 logger = logging.getLogger("keyhive")
 
 _IN_FLIGHT = 4  # hibernate batches written at once by the reaper
+_new_item = tuple.__new__  # SaveItem without its Python-level __new__ (one per agent of a storm)
 
 
 class Policy(NamedTuple):
@@ -231,7 +232,7 @@ class Reaper:
                     if isinstance(exc, CodecError):
                         self._codec_failed(ref, exc)
                     continue
-                items.append(SaveItem(io.key(ref), data, ref._version))
+                items.append(_new_item(SaveItem, (io.key(ref), data, ref._version)))
                 index.append(i)
                 seqs.append(seq)
                 digests.append(d)

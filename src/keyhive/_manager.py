@@ -422,6 +422,14 @@ class InstanceManager:
                     return ref
             elif initial_state is None and reg is not _CLOSED_REGISTRY and is_plain_key(key):
                 return await self._activate(reg, key, self.partition, None)  # type: ignore[arg-type]
+        elif type(key) is int and partition is None and key.bit_length() <= 64:  # valid as it is
+            reg = self._default_reg
+            ref = reg.get(key)
+            if ref is not None:
+                if ref._status is RUNNING:
+                    return ref
+            elif initial_state is None and reg is not _CLOSED_REGISTRY:
+                return await self._activate(reg, key, self.partition, None)  # type: ignore[arg-type]
         return await self._get(key, initial_state, self.partition if partition is None else partition)
 
     async def _get_used(self, key: Any, *, initial_state: Mapping[str, Any] | None = None,

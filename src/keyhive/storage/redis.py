@@ -90,6 +90,8 @@ _CAS_MANY = _FENCE + """
 local ok, stored = fence_ok(KEYS[3], ARGV[3])
 if not ok then return {2, stored} end
 local out = {}
+-- an empty due index has nothing to remove: no ZREM per item (most batches set no due time)
+local dues = redis.call('EXISTS', KEYS[1]) == 1
 for i = 4, #KEYS do
   local key, j, n = KEYS[i], 4 * (i - 4) + 4, i - 3
   local data, expected = ARGV[j], ARGV[j + 1]
@@ -103,7 +105,12 @@ for i = 4, #KEYS do
     redis.call('HSET', key, 'd', data, 'v', new, 't', ARGV[1])
     if ARGV[2] ~= '0' then redis.call('PEXPIRE', key, ARGV[2]) end
     redis.call('ZADD', KEYS[2], ARGV[1], ARGV[j + 3])
-    set_due(KEYS[1], ARGV[j + 3], ARGV[j + 2])
+    if ARGV[j + 2] ~= '' then
+      dues = true
+      redis.call('ZADD', KEYS[1], ARGV[j + 2], ARGV[j + 3])
+    elseif dues then
+      redis.call('ZREM', KEYS[1], ARGV[j + 3])
+    end
     out[2 * n - 1] = 1
     out[2 * n] = new
   end
