@@ -164,15 +164,23 @@ async def test_call_without_a_current_span_starts_a_trace_of_its_own_in_the_host
     assert handler["trace_id"] == host_call["trace_id"]
 
 
-async def test_a_missing_host_setup_fails_start_naming_it(ray_cluster: Any) -> None:
-    """A host_setup the shard host cannot import makes start() fail with its name in the message."""
+def failing_setup(manager: keyhive.InstanceManager) -> None:
+    """A host_setup that fails (for the test below)."""
+    raise LookupError("no exporter configured")
+
+
+@pytest.mark.parametrize(("setup", "says"), [("no_such_setup", "no_such_setup"),
+                                             ("failing_setup", "failing_setup.*no exporter configured")])
+async def test_a_host_setup_that_is_missing_or_fails_fails_start_naming_it(ray_cluster: Any, setup: str,
+                                                                           says: str) -> None:
+    """A host_setup the shard host cannot find, or that raises, makes start() fail naming it."""
     from keyhive.ray import RayRuntime
 
     manager = keyhive.InstanceManager(
         f"t-otel-{uuid.uuid4().hex[:8]}", Traced, storage=None,
-        runtime=RayRuntime(ray_cluster.address, shards=1, host_setup=f"{__name__}:no_such_setup"))
+        runtime=RayRuntime(ray_cluster.address, shards=1, host_setup=f"{__name__}:{setup}"))
     try:
-        with pytest.raises(keyhive.KeyhiveError, match="no_such_setup"):
+        with pytest.raises(keyhive.KeyhiveError, match=says):
             await manager.start()
     finally:
         import ray

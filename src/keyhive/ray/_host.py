@@ -153,9 +153,12 @@ class ShardHost:
                                f"workers must be able to import {module_name})") from exc
         if not callable(found):
             raise TypeError(f"host_setup {spec!r} is not callable: it must be a function(manager)")
-        result = found(mgr)
-        if inspect.isawaitable(result):
-            await result
+        try:
+            result = found(mgr)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            raise RuntimeError(f"host_setup {spec!r} failed in the shard host: {exc!r}") from exc
 
     def _enter_trace(self, mgr: InstanceManager, carrier: Mapping[str, str]) -> Any:
         """Attach the client's trace context to this operation's task; the token, or ``None``."""
