@@ -47,7 +47,9 @@ Metrics (meter ``keyhive``; attribute ``keyhive.manager``, never a key):
   ``keyhive.storage.duration`` (s, ``keyhive.storage.operation`` is ``load`` or
   ``save_batch``): histograms.
 
-Across the Ray runtime the trace context is not carried yet (see docs/observability.md).
+Across the Ray runtime the client's ``call``/``ref.call`` carry the trace context to the
+shard host, whose spans continue the caller's trace; a host's own tracer provider and
+``instrument(manager)`` go in ``RayRuntime(host_setup=...)`` (see docs/ray.md).
 """
 
 from __future__ import annotations

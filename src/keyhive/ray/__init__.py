@@ -24,11 +24,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from .._manager import InstanceManager
-from ._client import RayManager, RemoteRef
+from ._client import RayManager, RemoteRef, RemoteSubscription
 from ._hash import shard_of
 from ._wire import RemoteError
 
-__all__ = ["RayManager", "RayRuntime", "RemoteError", "RemoteRef", "shard_of"]
+__all__ = ["RayManager", "RayRuntime", "RemoteError", "RemoteRef", "RemoteSubscription", "shard_of"]
 
 
 class RayRuntime:
@@ -43,18 +43,23 @@ class RayRuntime:
     * ``namespace``: the Ray namespace of the named shard hosts;
     * ``max_concurrency``: concurrent Ray calls each shard host accepts;
     * ``actor_options``: more ``ActorClass.options(...)`` for the hosts (e.g. ``num_cpus``,
-      ``resources``, ``runtime_env``).
+      ``resources``, ``runtime_env``);
+    * ``host_setup``: ``"module:function"``, called once in each shard host when it starts,
+      with the host's local manager before that manager starts (``function(manager)``, sync
+      or async): e.g. to set up OpenTelemetry in the host process (a tracer provider with
+      its exporter, ``instrument(manager)``). The module must be importable by the workers.
 
     Raises:
         TypeError, ValueError: an argument has the wrong type or value (the message says
             what to write).
     """
 
-    __slots__ = ("actor_options", "address", "max_concurrency", "namespace", "owner_ttl", "shards")
+    __slots__ = ("actor_options", "address", "host_setup", "max_concurrency", "namespace", "owner_ttl",
+                 "shards")
 
     def __init__(self, address: str | None = "auto", *, shards: int = 16, owner_ttl: float = 10.0,
                  namespace: str = "keyhive", max_concurrency: int = 4096,
-                 actor_options: dict[str, Any] | None = None) -> None:
+                 actor_options: dict[str, Any] | None = None, host_setup: str | None = None) -> None:
         if address is not None and not isinstance(address, str):
             raise TypeError(f"address must be a str such as 'auto' or 'ray://host:10001', or None; "
                             f"not {type(address).__name__}")
@@ -76,6 +81,12 @@ class RayRuntime:
         if not isinstance(actor_options, dict):
             raise TypeError(f"actor_options must be a dict of Ray actor options, not "
                             f"{type(actor_options).__name__}")
+        if host_setup is not None:
+            module, sep, function = host_setup.partition(":") if isinstance(host_setup, str) else ("", "", "")
+            if not (sep and module and function):
+                raise ValueError(f"host_setup must name a function as 'module:function' (e.g. "
+                                 f"'myapp.tracing:setup_host'), or be None; not {host_setup!r}")
+        self.host_setup = host_setup
         self.address = address
         self.shards = shards
         self.owner_ttl = float(owner_ttl)

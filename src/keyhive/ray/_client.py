@@ -11,6 +11,16 @@ operation; their events come back through one long-poll ``pull`` per shard that 
 subscriptions of this client (a task per shard, never per subscriber), each batch of a
 subscription's events one codec payload. Overflow (on the host, or here when the reader
 falls behind) and the end of the stream carry across.
+
+Trace context: when OpenTelemetry is loaded in this process (``sys.modules``; never
+imported here), ``call`` and ``ref.call`` inject the current context (the global
+propagator: W3C ``traceparent``, and baggage) into a small dict that travels with the
+operation; the shard host runs the call under the extracted context. Without a current
+span nothing is added; without OpenTelemetry the cost is one ``sys.modules`` look-up.
+
+``stored_keys`` / ``exists`` read the storage URL from this process (a backend opened
+lazily, never creating a file or directory, closed by ``close``): no shard host is asked
+and no agent is woken.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import uuid
 import weakref
 from collections import deque
@@ -30,6 +41,9 @@ from .._agent import Agent
 from .._errors import AgentStopped, CodecError, KeyhiveError, ManagerClosed, SubscriberOverflow
 from .._events import Event, EventKind, StopReason
 from .._manager import InstanceManager, Stats
+from .._stored import StoredRecord
+from .._stored import exists as _stored_exists
+from .._stored import stored_keys as _stored_keys
 from ..storage import from_url
 from ._hash import shard_of
 from ._wire import RemoteError, load_error
@@ -51,6 +65,37 @@ def _ray() -> Any:
     import ray
 
     return ray
+
+
+_propagate: Any = None  # opentelemetry.propagate, once OpenTelemetry is loaded in this process
+
+
+def _trace_context() -> dict[str, str] | None:
+    """The current trace context as W3C headers, or ``None`` (no OpenTelemetry, no span)."""
+    global _propagate
+    propagate = _propagate
+    if propagate is None:
+        if "opentelemetry" not in sys.modules:  # the cost when OpenTelemetry is absent
+            return None
+        try:
+            import opentelemetry.propagate as propagate
+        except ImportError:  # a partial install: carry nothing
+            return None
+        _propagate = propagate
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier or None
+
+
+def _no_create(url: str) -> str:
+    """``url`` with ``create=false`` for the backends that would otherwise make a file or directory."""
+    if not url.lower().startswith(("sqlite:", "file:")):
+        return url
+    from urllib.parse import parse_qsl, urlencode
+
+    base, _, query = url.partition("?")  # not urlunsplit: it would drop the empty host of sqlite:////abs
+    pairs = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "create"]
+    return base + "?" + urlencode([*pairs, ("create", "false")])
 
 
 def _dead_errors() -> tuple[type[BaseException], ...]:
@@ -290,7 +335,7 @@ class RemoteRef:
         """
         codec = self._mgr._options.codec
         data = codec.encode(message)
-        reply = await self._send(("rcall", self._inst, self._n, data, timeout), timeout)
+        reply = await self._send(("rcall", self._inst, self._n, data, timeout, _trace_context()), timeout)
         return codec.decode(reply)
 
     async def cast(self, message: Any) -> None:
@@ -536,6 +581,7 @@ class RayManager(InstanceManager):
         self._renewer: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
         self._ray_state = "new"
+        self._reader: Any = None  # the storage as stored_keys/exists read it, opened on first use
 
     def __repr__(self) -> str:
         return (f"<RayManager {self.name!r} agent={self.agent.__name__} "
@@ -586,7 +632,8 @@ class RayManager(InstanceManager):
                 "lifetime": "detached", "max_restarts": -1, "max_task_retries": 0,
                 "max_concurrency": rt.max_concurrency, "num_cpus": 0, **rt.actor_options,
             }
-            handle = remote_host.options(**opts).remote(self.name, self.agent, i, self._host_options)
+            handle = remote_host.options(**opts).remote(self.name, self.agent, i, self._host_options,
+                                                        rt.host_setup)
             shards.append(_Shard(self, i, actor_name, handle))
         self._shards = shards
         try:
@@ -619,7 +666,12 @@ class RayManager(InstanceManager):
 
     async def close(self) -> None:
         """Detach this process's owners and disconnect; the shard hosts and their agents
-        stay up for the other processes (``shutdown_hosts`` stops them)."""
+        stay up for the other processes (``shutdown_hosts`` stops them). Closes the storage
+        that ``stored_keys``/``exists`` opened."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            with contextlib.suppress(Exception):  # a reader's failure to close loses nothing
+                await reader.aclose()
         if self._ray_state != "running":
             return
         self._ray_state = "closed"
@@ -850,7 +902,7 @@ class RayManager(InstanceManager):
         shard = self._shard_of(key, part)
         codec = self._options.codec
         data = codec.encode(message)
-        reply = await self._submit(shard, ("call", key, part, data, timeout), timeout)
+        reply = await self._submit(shard, ("call", key, part, data, timeout, _trace_context()), timeout)
         return codec.decode(reply)
 
     @asynccontextmanager
@@ -903,6 +955,55 @@ class RayManager(InstanceManager):
         return Stats(count=len(keys), keys=keys, partition=partition, total=total, attached=attached,
                      registry_partitions=self.registry_partitions, running=self.running,
                      counters=counters)
+
+    def _storage_reader(self) -> Any:
+        """The storage as this process reads it for ``stored_keys``/``exists`` (lazily opened)."""
+        reader = self._reader
+        if reader is None:
+            url = self._url
+            assert url is not None
+            if url.lower().startswith("memory:"):
+                raise TypeError(
+                    f"manager {self.name!r} runs on Ray with memory:// storage: its checkpoints "
+                    "live inside each shard host's process, out of this process's reach. Give "
+                    "stored_keys()/exists() a shared storage: storage='sqlite:///agents.db' (one "
+                    "machine), 'postgresql://...' or 'redis://...'")
+            reader = self._reader = from_url(_no_create(url))
+        return reader
+
+    def stored_keys(self, *, partition: Any = None) -> AsyncIterator[StoredRecord]:
+        """``async for record in manager.stored_keys()``: this manager's stored checkpoints.
+
+        As :meth:`keyhive.InstanceManager.stored_keys`, read from this process: the storage
+        URL is opened here (never creating a database file or directory; closed by
+        ``close()``); no shard host is asked, nothing is woken. A live agent's latest
+        turns are there once its host has written them (its checkpoint policy).
+
+        Raises:
+            TypeError: the storage is ``memory://`` (each shard host's own memory), or it
+                cannot list its keys.
+            StorageError: the backend failed (e.g. no such database file); its exception
+                is ``__cause__``.
+        """
+        if self._url is None:
+            return super().stored_keys(partition=partition)
+        part = self.partition if partition is None else partition
+        return _stored_keys(self._storage_reader(), self.name, partition=part)
+
+    async def exists(self, key: Any, *, partition: Any = None) -> bool:
+        """Whether a checkpoint of ``key`` is stored, read from this process (see ``stored_keys``).
+
+        Raises:
+            TypeError, ValueError: a bad key or partition (as ``get`` would raise), or
+                ``memory://`` storage.
+            StorageError: the backend failed; its exception is ``__cause__``.
+        """
+        if self._url is None:
+            return await super().exists(key, partition=partition)
+        part = self.partition if partition is None else partition
+        reader = self._storage_reader()
+        async with asyncio.timeout(self._options.storage_timeout):
+            return await _stored_exists(reader, self.name, part, key)
 
     async def agents(self) -> list[RemoteRef]:  # type: ignore[override]
         """Every live agent on every shard host (for dashboards and tools)."""

@@ -18,6 +18,14 @@ one of them has events or has ended (or after ``wait`` seconds with nothing), ea
 subscription's events as one codec payload, in publish order. A client's subscriptions
 that it stops pulling for longer than their ttl (a dead client process) are closed by the
 sweeper, so they stop keeping their agents alive.
+
+Trace context: a ``call``/``rcall`` operation may carry the client's W3C trace headers
+(a small dict); the call then runs under the extracted OpenTelemetry context, so the
+local manager's spans and the handler's are children of the client's span. The first
+such call makes the local manager run turns in a context of their own (as an
+instrumented manager does). ``RayRuntime(host_setup="module:function")`` is called once
+here with the local manager before it starts: that is where a host's tracer provider and
+exporter are set up.
 """
 
 from __future__ import annotations
@@ -25,13 +33,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib
 import inspect
 import logging
 import os
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .._agent import Agent
@@ -73,8 +82,14 @@ class _Subscriber:
 class ShardHost:
     """One shard of a Ray-run manager (``keyhive:{manager}:{shard}``)."""
 
-    def __init__(self, name: str, agent: type[Agent], shard: int, options: Mapping[str, Any]) -> None:
+    def __init__(self, name: str, agent: type[Agent], shard: int, options: Mapping[str, Any],
+                 setup: str | None = None) -> None:
         self._name = name
+        self._setup = setup
+        self._isolated = False  # a call with a trace context arrived: turns run in their own context
+        self._extract: Callable[[Mapping[str, str]], Any] | None = None
+        self._attach: Callable[[Any], Any] | None = None
+        self._detach: Callable[[Any], None] | None = None
         self._agent = agent
         self._shard = shard
         self._options = dict(options)
@@ -116,12 +131,62 @@ class ShardHost:
                     opts["_takeover"] = True
                     self._lease_hooks = True
                 mgr = InstanceManager(self._name, self._agent, **opts)
+                if self._setup is not None:
+                    await self._run_setup(self._setup, mgr)
                 await mgr.start()
                 mgr.subscribe(self._on_event)
                 self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
                 self._mgr = mgr
         assert self._mgr is not None
         return self._mgr
+
+    @staticmethod
+    async def _run_setup(spec: str, mgr: InstanceManager) -> None:
+        """Call ``RayRuntime(host_setup="module:function")`` with the local manager."""
+        module_name, _, qualname = spec.partition(":")
+        try:
+            found: Any = importlib.import_module(module_name)
+            for part in qualname.split("."):
+                found = getattr(found, part)
+        except (ImportError, AttributeError) as exc:
+            raise RuntimeError(f"host_setup {spec!r} cannot be found in the shard host: {exc!r} (the "
+                               f"workers must be able to import {module_name})") from exc
+        if not callable(found):
+            raise TypeError(f"host_setup {spec!r} is not callable: it must be a function(manager)")
+        try:
+            result = found(mgr)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            raise RuntimeError(f"host_setup {spec!r} failed in the shard host: {exc!r}") from exc
+
+    def _enter_trace(self, mgr: InstanceManager, carrier: Mapping[str, str]) -> Any:
+        """Attach the client's trace context to this operation's task; the token, or ``None``."""
+        if self._extract is None:
+            try:
+                from opentelemetry import context, propagate
+            except ImportError:  # the client traces, this host's environment has no OpenTelemetry
+                return None
+            self._extract, self._attach, self._detach = propagate.extract, context.attach, context.detach
+        assert self._attach is not None
+        if not self._isolated:
+            self._isolated = True
+            mgr._core.isolate()  # a handler's span across an await needs its turn in one context
+        return self._attach(self._extract(carrier))
+
+    async def _traced(self, mgr: InstanceManager, carrier: Mapping[str, str], call: Any) -> Any:
+        """Await ``call`` (a coroutine) under the trace context in ``carrier``."""
+        try:
+            token = self._enter_trace(mgr, carrier)
+        except BaseException:
+            call.close()  # never left un-awaited
+            raise
+        try:
+            return await call
+        finally:
+            if token is not None:
+                assert self._detach is not None
+                self._detach(token)
 
     def _on_event(self, event: Event) -> None:
         if self._recording:
@@ -229,12 +294,14 @@ class ShardHost:
         kind = op[0]
         codec = mgr._options.codec  # the manager's own codec, as the client uses it
         if kind == "call":
-            _, key, partition, data, timeout = op
-            reply = await mgr.call(key, codec.decode(data), timeout=timeout, partition=partition)
+            _, key, partition, data, timeout, *trace = op  # trace: [] from an older client
+            call = mgr.call(key, codec.decode(data), timeout=timeout, partition=partition)
+            reply = await (self._traced(mgr, trace[0], call) if trace and trace[0] else call)
             return codec.encode(reply)
         if kind == "rcall":
-            _, instance, n, data, timeout = op
-            reply = await self._ref(instance, n).call(codec.decode(data), timeout=timeout)
+            _, instance, n, data, timeout, *trace = op
+            call = self._ref(instance, n).call(codec.decode(data), timeout=timeout)
+            reply = await (self._traced(mgr, trace[0], call) if trace and trace[0] else call)
             return codec.encode(reply)
         if kind == "rcast":
             _, instance, n, data = op
