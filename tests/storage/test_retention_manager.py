@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,32 +16,9 @@ import pytest
 import keyhive
 from keyhive import _bounds
 
-from .agents import Counter
-from .storage.conftest import BACKENDS, LEASE_BACKENDS, _make
-from .storage.conftest import postgres_server as postgres_server  # the session fixtures, by name
-from .storage.conftest import redis_server as redis_server
+from ..agents import Counter
 
 TTL = 3600.0
-
-
-@pytest.fixture(params=BACKENDS)
-async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
-    """A fresh, empty backend of each kind."""
-    backend = await _make(request.param, tmp_path, request)
-    try:
-        yield backend
-    finally:
-        await backend.aclose()
-
-
-@pytest.fixture(params=LEASE_BACKENDS)
-async def lease_storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
-    """A fresh backend of each kind that keeps leases."""
-    backend = await _make(request.param, tmp_path, request)
-    try:
-        yield backend
-    finally:
-        await backend.aclose()
 
 
 def _age(monkeypatch: pytest.MonkeyPatch, cutoff: float, ttl: float = TTL) -> None:
