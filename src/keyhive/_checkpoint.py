@@ -275,7 +275,7 @@ class CheckpointIO:
             ) from exc
         agent.state = state
         ref._version = version  # the ref's checkpoint slots belong to this module
-        ref._rare().digest = digest(payload, meta)
+        ref._digest = digest(payload, meta)
         return True, meta
 
     # -- writes ---------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def _pending(ref: AgentRef) -> _Pending:
     p = x.commit
     if p is None:
         p = x.commit = _Pending()
-        p.digest = x.digest
+        p.digest = ref._digest
     return p  # type: ignore[no-any-return]
 
 
@@ -173,7 +173,7 @@ class Committer:
             if ref._status is not RUNNING or p.data is None:
                 if p.data is None:
                     # nothing new to write: durable when what was queued before has landed
-                    landed = ref._x is not None and ref._x.digest == p.digest
+                    landed = ref._digest == p.digest
                     _settle(waiters, None if landed else StorageError(
                         f"the state of key {ref.key!r} was not written: an earlier write failed"))
                 else:
@@ -203,7 +203,7 @@ class Committer:
                     elif not isinstance(result, ConflictError):
                         io.remember_unsure(ref, seq)
                     ref._dirty = True  # the next write (a turn, the hibernate) carries it
-                    p.digest = x.digest
+                    p.digest = ref._digest
                     logger.warning("keyhive: %s: write of key %r failed; the state stays in memory "
                                    "and the next write carries it: %r", core.name, ref.key, result)
                     _settle(waiters, result if isinstance(result, StorageError) else storage_error(result))
@@ -313,7 +313,7 @@ async def checkpoint_now(core: Core, ref: AgentRef) -> None:
     meta, due = timer_part(ref)
     d = digest(payload, meta)
     p = x.commit
-    if d == x.digest and ref._version is not None:
+    if d == ref._digest and ref._version is not None:
         ref._dirty = False
         return
     data, seq = io.envelope(agent, payload, meta)

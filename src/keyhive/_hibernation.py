@@ -219,7 +219,7 @@ class Reaper:
                     payload = io.encode_payload(agent)
                     meta, due = timer_part(ref)
                     d = digest(payload, meta)
-                    if x is not None and x.digest == d and ref._version is not None:
+                    if ref._digest == d and ref._version is not None:
                         ref._dirty = False
                         continue  # unchanged since it was written or thawed: keep the version
                     data, seq = io.envelope(agent, payload, meta)

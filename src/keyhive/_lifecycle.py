@@ -51,7 +51,6 @@ class Rare:
         "change",
         "codec_logged",
         "commit",
-        "digest",
         "failures",
         "stop_reason",
         "stop_req",
@@ -70,7 +69,6 @@ class Rare:
         self.unsure: set[int] | None = None  # seqs of failed writes that may have landed
         self.change: Any = None  # future resolved at the next change of status
         self.waiters: Any = None  # deque of queued turns
-        self.digest: bytes | None = None  # digest of the payload last written or thawed
         self.writing: Any = None  # future of a live write in flight (checkpoint policies)
         self.commit: Any = None  # pending durable-turn state: see _commit.py
         self.subscribers: Any = None  # list of event subscribers

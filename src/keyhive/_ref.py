@@ -131,8 +131,10 @@ class AgentRef(Lifecycle):
     and starts again, ``get`` returns a ref that is not equal to the old one.
     """
 
-    # _used: the max_live clock's bit (see _bounds.py)
-    __slots__ = ("_agent", "_busy", "_dirty", "_host", "_key", "_partition", "_used", "_version")
+    # _used: the max_live clock's bit (see _bounds.py). _digest: of the state last written or
+    # thawed (a slot, not in Rare: a thaw then makes no Rare record; 13 -> 14 slots keeps the
+    # object in pymalloc's 144-byte size class, so it costs no memory)
+    __slots__ = ("_agent", "_busy", "_digest", "_dirty", "_host", "_key", "_partition", "_used", "_version")
 
     def __init__(self, host: RefHost, key: Any, partition: Any) -> None:
         # Lifecycle.__init__, inlined (hot: one per activation)
@@ -145,6 +147,7 @@ class AgentRef(Lifecycle):
         self._busy = False
         self._dirty = False  # a turn ran since the state was last written or thawed
         self._version: int | None = None
+        self._digest: bytes | None = None
         self._used = False  # a get or call since max_live's clock hand last passed
 
     # -- identity -------------------------------------------------------------------
@@ -565,9 +568,10 @@ class AgentRef(Lifecycle):
     def written(self, version: int, digest: bytes) -> None:
         """A write of this incarnation landed as ``version`` (its payload's ``digest``)."""
         self._version = version
-        x = self._rare()
-        x.digest = digest
-        x.unsure = None
+        self._digest = digest
+        x = self._x
+        if x is not None:
+            x.unsure = None
 
     def _request_stop(self, reason: StopReason) -> None:
         """``agent.stop()``: begin now when the turn is free, else when it ends."""
