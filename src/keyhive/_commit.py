@@ -214,38 +214,54 @@ class Committer:
                 loop.call_later(self.interval, self._flush)
 
     async def _encode_at_boundaries(self, refs: list[AgentRef]) -> list[AgentRef]:
-        """Write-behind: encode each ref's state between turns (waiting for busy ones)."""
-        io = self.core.io
+        """Write-behind: encode each ref's state between turns. A ref whose turn is free is
+        at a turn boundary now (nothing else runs until we await): encoded at once; only
+        the busy ones wait for their turn."""
         out: list[AgentRef] = []
-
-        async def one(ref: AgentRef) -> None:
+        busy: list[AgentRef] = []
+        for ref in refs:
             if ref._status is not RUNNING:
-                return
+                continue
+            if ref._busy:
+                busy.append(ref)
+            else:
+                self._encode_now(ref, out)
+
+        async def when_free(ref: AgentRef) -> None:
             try:
                 await ref._acquire()
             except AgentStopped:
                 return
             try:
-                if not ref._dirty or ref._agent is None:
-                    return
-                payload = io.encode_payload(ref._agent)
-                meta, due = timer_part(ref)
-                d = digest(payload, meta)
-                p = _pending(ref)
-                ref._dirty = False
-                if d == p.digest and ref._version is not None:
-                    return
-                p.data, p.seq = io.envelope(ref._agent, payload, meta)
-                p.digest, p.due = d, due
-                out.append(ref)
-            except Exception as exc:  # noqa: BLE001  # a codec error is the agent's; hibernate reports it
-                logger.warning("keyhive: %s: write-behind of key %r skipped: %r",
-                               self.core.name, ref.key, exc)
+                if ref._status is RUNNING:
+                    self._encode_now(ref, out)
             finally:
                 ref._release()
 
-        await asyncio.gather(*(one(ref) for ref in refs))
+        if busy:
+            await asyncio.gather(*(when_free(ref) for ref in busy))
         return out
+
+    def _encode_now(self, ref: AgentRef, out: list[AgentRef]) -> None:
+        """Encode ``ref``'s state (at a turn boundary) for the next write, when it changed."""
+        io = self.core.io
+        agent = ref._agent
+        if not ref._dirty or agent is None:
+            return
+        try:
+            payload = io.encode_payload(agent)
+            meta, due = timer_part(ref)
+            d = digest(payload, meta)
+            p = _pending(ref)
+            if d == p.digest and ref._version is not None:
+                ref._dirty = False
+                return
+            p.data, p.seq = io.envelope(agent, payload, meta)
+            p.digest, p.due = d, due
+            ref._dirty = False  # only now: a failed encode leaves the state for the hibernate
+            out.append(ref)
+        except Exception as exc:  # noqa: BLE001  # a codec error is the agent's; hibernate reports it
+            logger.warning("keyhive: %s: write-behind of key %r skipped: %r", self.core.name, ref.key, exc)
 
     async def settle(self) -> None:
         """Write what is queued now and wait for every batch in flight (close, tests)."""
