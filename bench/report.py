@@ -169,8 +169,10 @@ def extras_md(extras: list[dict[str, Any]]) -> str:
                     continue
                 v = r.get("value")
                 shown = _fmt(v) if isinstance(v, int | float) else ("-" if v is None else str(v))
-                parts.append(f"| {r.get('workload', r.get('name', ''))} | {r.get('impl', '')} | {shown} | "
-                             f"{r.get('unit', '')} | {r.get('note', '')} |")
+                name = r.get("workload") or " ".join(str(r[k]) for k in ("id", "what") if r.get(k))
+                note = r.get("note") or "; ".join(f"{k} {r[k]}" for k in ("plain_ray", "target", "met")
+                                                  if r.get(k) is not None)
+                parts.append(f"| {name} | {r.get('impl', '')} | {shown} | {r.get('unit', '')} | {note} |")
         for c in checks if isinstance(checks, list) else []:
             if isinstance(c, dict):
                 met = c.get("met")
