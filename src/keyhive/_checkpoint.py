@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._errors import CodecError, ConflictError, LeaseLost, StorageError, ThawError
 from ._keys import storage_key
+from ._timers import timer_part
 from .codecs import decode_state, pack, peek_writer, unpack
 from .storage import Fence, SaveItem
 
@@ -190,6 +191,18 @@ class CheckpointIO:
         return storage_key(self.name, ref._partition, ref._key)  # the ref's own identity
 
     # -- state <-> bytes ------------------------------------------------------------------------
+
+    def encode_state(self, ref: AgentRef, agent: Agent) -> tuple[bytes, bytes, float | None, bytes]:
+        """``(payload, meta, due, digest)`` of what ``ref``'s next checkpoint would hold: the
+        codec's bytes, the timers' meta section and earliest due time, and the digest that
+        tells whether it changed since the last write or thaw (``ref._digest``).
+
+        Raises:
+            CodecError: the state cannot be encoded.
+        """
+        payload = self._codec.encode(agent.state)
+        meta, due = timer_part(ref)
+        return payload, meta, due, digest(payload, meta)
 
     def encode_payload(self, agent: Agent) -> bytes:
         """The codec's bytes for ``agent.state`` (CodecError when it cannot be encoded)."""

@@ -20,11 +20,10 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ._checkpoint import digest, storage_error
+from ._checkpoint import storage_error
 from ._errors import AgentStopped, ConflictError, LeaseLost, StorageError
 from ._events import StopReason
 from ._lifecycle import RUNNING
-from ._timers import timer_part
 from .storage import SaveItem
 
 if TYPE_CHECKING:
@@ -90,9 +89,7 @@ class Committer:
             return failed
         io = self.core.io
         try:
-            payload = io.encode_payload(agent)
-            meta, due = timer_part(ref)
-            d = digest(payload, meta)
+            payload, meta, due, d = io.encode_state(ref, agent)
             p = _pending(ref)
             if d == p.digest and ref._version is not None:
                 ref._dirty = False
@@ -249,9 +246,7 @@ class Committer:
         if not ref._dirty or agent is None:
             return
         try:
-            payload = io.encode_payload(agent)
-            meta, due = timer_part(ref)
-            d = digest(payload, meta)
+            payload, meta, due, d = io.encode_state(ref, agent)
             p = _pending(ref)
             if d == p.digest and ref._version is not None:
                 ref._dirty = False
@@ -325,9 +320,7 @@ async def checkpoint_now(core: Core, ref: AgentRef) -> None:
     x = ref._rare()
     while x.writing is not None:
         await asyncio.wait([x.writing])
-    payload = io.encode_payload(agent)
-    meta, due = timer_part(ref)
-    d = digest(payload, meta)
+    payload, meta, due, d = io.encode_state(ref, agent)
     p = x.commit
     if d == ref._digest and ref._version is not None:
         ref._dirty = False

@@ -18,13 +18,12 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._checkpoint import digest, storage_error
+from ._checkpoint import storage_error
 from ._commit import stopped as commit_stopped
 from ._errors import AgentStopped, CodecError, ConflictError, LeaseLost
 from ._events import EventKind, StopReason
 from ._lifecycle import RUNNING, STOPPED, STOPPING
 from ._timers import stopped as timers_stopped
-from ._timers import timer_part
 from .storage import SaveItem
 
 if TYPE_CHECKING:
@@ -216,9 +215,7 @@ class Reaper:
                     queued = x is not None and x.commit is not None and x.commit.data is not None
                     if not ref._dirty and not queued:  # no turn since the last write or thaw
                         continue
-                    payload = io.encode_payload(agent)
-                    meta, due = timer_part(ref)
-                    d = digest(payload, meta)
+                    payload, meta, due, d = io.encode_state(ref, agent)
                     if ref._digest == d and ref._version is not None:
                         ref._dirty = False
                         continue  # unchanged since it was written or thawed: keep the version
