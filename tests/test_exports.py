@@ -11,7 +11,7 @@ PUBLIC = {
     "Agent", "AgentRef", "AgentStopped", "Checkpoint", "Codec", "CodecError", "ConflictError",
     "Event", "EventKind", "FileStorage", "get_manager", "InstanceManager", "JSONCodec",
     "KeyhiveError", "LeaseLost", "ManagerClosed", "MemoryStorage", "NotFound", "OwnedElsewhere",
-    "ReentrancyError", "SaveItem", "Stats", "StopReason", "Storage", "StorageError", "StoredKey",
+    "ReentrancyError", "SaveItem", "SQLiteStorage", "Stats", "StopReason", "Storage", "StorageError", "StoredKey",
     "SubscriberOverflow", "ThawError", "UnsavedAgentsError",
 }
 
@@ -59,3 +59,33 @@ def test_core_import_is_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_backends_are_importable_from_the_top_level_on_first_use() -> None:
+    """keyhive.SQLiteStorage, RedisStorage and PostgresStorage are the backends' classes, imported
+    only when first asked for (SPEC §7), and shown as keyhive's."""
+    code = (
+        "import sys, keyhive; "
+        "before = {'keyhive.storage.sqlite', 'keyhive.storage.redis', 'keyhive.storage.postgres'} & set(sys.modules); "
+        "from keyhive.storage.sqlite import SQLiteStorage; "
+        "from keyhive.storage.redis import RedisStorage; "
+        "from keyhive.storage.postgres import PostgresStorage; "
+        "assert keyhive.SQLiteStorage is SQLiteStorage and keyhive.RedisStorage is RedisStorage; "
+        "assert keyhive.PostgresStorage is PostgresStorage; "
+        "assert repr(keyhive.SQLiteStorage) == \"<class 'keyhive.SQLiteStorage'>\"; "
+        "assert 'SQLiteStorage' in dir(keyhive); "
+        "print(sorted(before))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_missing_driver_names_its_extra() -> None:
+    """keyhive.RedisStorage without redis-py raises ImportError naming keyhive[redis]."""
+    code = (
+        "import sys; sys.modules['redis'] = None; sys.modules['redis.asyncio'] = None; "
+        "import keyhive\n"
+        "try:\n    keyhive.RedisStorage\nexcept ImportError as exc:\n    print(exc)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'keyhive[redis]'" in out.stdout, out.stdout + out.stderr
