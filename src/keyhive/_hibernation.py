@@ -369,8 +369,3 @@ class Reaper:
                 ref.stop_failed()
                 ref._release()
         self.expiring.clear()
-
-    @staticmethod
-    def is_stopped(ref: AgentRef) -> bool:
-        """Whether ``ref``'s incarnation has stopped."""
-        return ref._status is STOPPED

@@ -39,9 +39,9 @@ from ._drain import drain
 from ._errors import AgentStopped, ManagerClosed, NotFound, StorageError, ThawError
 from ._events import Event, EventKind, StopReason
 from ._hibernation import Reaper
-from ._keys import SAFE_STR_LEN, check_key, is_plain_key, storage_key
+from ._keys import SAFE_STR_LEN, check_key, is_plain_key
 from ._lease import LeaseKeeper, has_leases
-from ._lifecycle import RUNNING, STARTING, STOPPED
+from ._lifecycle import RUNNING, STARTING
 from ._options import check_agent, parse_options
 from ._ref import AgentRef
 from ._stored import ALL, StoredRecord
@@ -711,16 +711,8 @@ class InstanceManager:
         if core.listeners:
             core.emit(EventKind.THAW_FAILED, ref, error=exc.__cause__ or exc)
 
-    # -- for tools ------------------------------------------------------------------------------
-
-    def _storage_key(self, key: Any, partition: Any = None) -> str:
-        return storage_key(self.name, self.partition if partition is None else partition, key)
-
 
 async def _nothing() -> AsyncIterator[StoredRecord]:
     return
     yield  # an async generator that yields nothing
 
-
-def _is_stopped(ref: AgentRef) -> bool:
-    return ref._status is STOPPED
