@@ -11,6 +11,7 @@ import pytest
 
 import keyhive
 from keyhive import EventKind
+from keyhive._keys import storage_key
 from keyhive.testing import EventRecorder
 
 pytestmark = pytest.mark.looptime
@@ -207,13 +208,13 @@ async def test_timers_only_turn_is_written(make_manager: Any) -> None:
     async with make_manager(Clock, storage=storage, name="only") as m:
         await m.call("k", ["get"])
         await m.stop("k")
-        before = await storage.load(m._storage_key("k"))
+        before = await storage.load(storage_key(m.name, None, "k"))
         await _schedule(m, "k", "t", 500, ["tick", "x"])
         await m.stop("k")
-        after = await storage.load(m._storage_key("k"))
+        after = await storage.load(storage_key(m.name, None, "k"))
         assert before is not None and after is not None and after.version == before.version + 1
         [(skey, _due)] = await storage.due_keys("", 1e12)
-        assert skey == m._storage_key("k")
+        assert skey == storage_key(m.name, None, "k")
         await m.call("k", ["unschedule", "t"])
         await m.stop("k")
         assert await storage.due_keys("", 1e12) == []

@@ -15,6 +15,7 @@ import pytest
 
 import keyhive
 from keyhive import _bounds
+from keyhive._keys import storage_key
 
 from ..agents import Counter
 
@@ -179,7 +180,7 @@ async def test_sweep_under_a_lost_lease_deletes_nothing(
         assert sweeper is not None
         with pytest.raises(keyhive.LeaseLost):
             await sweeper.sweep()
-        assert await lease_storage.load(m._storage_key("k")) is not None
+        assert await lease_storage.load(storage_key(m.name, None, "k")) is not None
 
 
 # -- the sweeper's schedule and the activation race (virtual time, memory) -------------------------
@@ -239,7 +240,7 @@ async def test_an_activation_waits_for_a_delete_in_flight(
         assert await ref.call("get") == 0  # started fresh: the checkpoint had expired
         await ref.call("incr")
         await m.stop("k")
-        stored = await storage.load(m._storage_key("k"))
+        stored = await storage.load(storage_key(m.name, None, "k"))
         assert stored is not None and stored.version == 1  # a new checkpoint, no conflict
 
 
