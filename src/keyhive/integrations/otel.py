@@ -54,11 +54,12 @@ shard host, whose spans continue the caller's trace; a host's own tracer provide
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 try:
@@ -100,6 +101,28 @@ def _key_value(key: Any) -> str | int:
 def _failed(span: Span, exc: BaseException) -> None:
     span.record_exception(exc)
     span.set_status(Status(StatusCode.ERROR, f"{type(exc).__qualname__}: {exc}"))
+
+
+def _batch_failures(span: Span, failed: list[BaseException]) -> None:
+    """A batch's failed items: counted on its span, the first recorded as its error."""
+    span.set_attribute("keyhive.failed", len(failed))
+    if failed:
+        _failed(span, failed[0])
+
+
+@contextlib.contextmanager
+def _current(span: Span) -> Iterator[Span]:
+    """``span`` is the current span inside the block; an exception is recorded on it; it
+    ends with the block (a cancellation ends it too, without an error status)."""
+    token = _attach(_in_context(span))
+    try:
+        yield span
+    except Exception as exc:
+        _failed(span, exc)
+        raise
+    finally:
+        _detach(token)
+        span.end()
 
 
 class _Metrics:
@@ -261,16 +284,8 @@ class Instrumentation:
 
         async def traced_get(key: Any, *, initial_state: Mapping[str, Any] | None = None,
                              partition: Any = None) -> Any:
-            span = start_span("keyhive.get", attributes=self._attrs(key, partition))
-            token = _attach(_in_context(span))
-            try:
+            with _current(start_span("keyhive.get", attributes=self._attrs(key, partition))):
                 return await get(key, initial_state=initial_state, partition=partition)
-            except Exception as exc:
-                _failed(span, exc)
-                raise
-            finally:
-                _detach(token)
-                span.end()
 
         return traced_get
 
@@ -281,21 +296,16 @@ class Instrumentation:
 
         async def traced_call(key: Any, message: Any, *, timeout: float | None = 5.0,
                               partition: Any = None) -> Any:
-            span = start_span("keyhive.call", attributes=self._attrs(key, partition))
-            token = _attach(_in_context(span))
             t0 = _now()
             attrs = ok_attrs
             try:
-                return await call(key, message, timeout=timeout, partition=partition)
+                with _current(start_span("keyhive.call", attributes=self._attrs(key, partition))):
+                    return await call(key, message, timeout=timeout, partition=partition)
             except BaseException as exc:
                 attrs = {**ok_attrs, "error.type": type(exc).__qualname__}
-                if isinstance(exc, Exception):
-                    _failed(span, exc)
                 raise
             finally:
                 record(_now() - t0, attrs)
-                _detach(token)
-                span.end()
 
         return traced_call
 
@@ -303,16 +313,8 @@ class Instrumentation:
         start_span = self._tracer.start_span
 
         async def traced_stop(key: Any, *, partition: Any = None) -> None:
-            span = start_span("keyhive.stop", attributes=self._attrs(key, partition))
-            token = _attach(_in_context(span))
-            try:
+            with _current(start_span("keyhive.stop", attributes=self._attrs(key, partition))):
                 await stop(key, partition=partition)
-            except Exception as exc:
-                _failed(span, exc)
-                raise
-            finally:
-                _detach(token)
-                span.end()
 
         return traced_stop
 
@@ -322,18 +324,10 @@ class Instrumentation:
         start_span = self._tracer.start_span
 
         async def traced_thaw(ref: Any, agent: Any) -> tuple[bool, bytes]:
-            span = start_span("keyhive.thaw", attributes=self._attrs(ref.key, ref.partition))
-            token = _attach(_in_context(span))
-            try:
+            with _current(start_span("keyhive.thaw", attributes=self._attrs(ref.key, ref.partition))) as span:
                 thawed, meta = await thaw(ref, agent)
                 span.set_attribute("keyhive.thawed", thawed)
                 return thawed, meta
-            except Exception as exc:
-                _failed(span, exc)
-                raise
-            finally:
-                _detach(token)
-                span.end()
 
         return traced_thaw
 
@@ -359,19 +353,14 @@ class Instrumentation:
                               timeout: float | None = None) -> list[int | BaseException]:
             span = start_span("keyhive.storage.save_batch",
                               attributes={**self.metric_attrs, "keyhive.batch_size": len(items)})
-            token = _attach(_in_context(span))
             t0 = _now()
             try:
-                results: list[int | BaseException] = await save_batch(items, due, timeout=timeout)
-                errors = [r for r in results if isinstance(r, BaseException)]
-                span.set_attribute("keyhive.failed", len(errors))
-                if errors:
-                    _failed(span, errors[0])
-                return results
+                with _current(span):
+                    results: list[int | BaseException] = await save_batch(items, due, timeout=timeout)
+                    _batch_failures(span, [r for r in results if isinstance(r, BaseException)])
+                    return results
             finally:
                 record(_now() - t0, attrs)
-                _detach(token)
-                span.end()
 
         return traced_save
 
@@ -385,20 +374,10 @@ class Instrumentation:
             parent = None if reason is StopReason.STOPPED else _ROOT
             span = start_span("keyhive.hibernate", context=parent, attributes={
                 **self.metric_attrs, "keyhive.batch_size": len(refs), "keyhive.stop_reason": str(reason)})
-            token = _attach(_in_context(span))
-            try:
+            with _current(span):
                 errors: list[BaseException | None] = await hibernate(refs, reason, timeout=timeout)
-                failed = [e for e in errors if e is not None]
-                span.set_attribute("keyhive.failed", len(failed))
-                if failed:
-                    _failed(span, failed[0])
+                _batch_failures(span, [e for e in errors if e is not None])
                 return errors
-            except Exception as exc:
-                _failed(span, exc)
-                raise
-            finally:
-                _detach(token)
-                span.end()
 
         return traced_hibernate
 
