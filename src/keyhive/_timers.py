@@ -432,11 +432,11 @@ class TimerService:
         if ref._status is not RUNNING or ref._agent is None:
             ref._release()
             return False
-        durable = None
         try:
             entry = timers.table.get(name)
             now = self.wall()
             if entry is None or entry.at() > now + _EPS:  # unscheduled or replaced meanwhile
+                ref._release()
                 return True
             error: Exception | None = None
             try:
@@ -448,7 +448,6 @@ class TimerService:
                         await ref._agent.handle(message)
             except Exception as exc:  # noqa: BLE001  # the handler's error is retried, then dropped, logged with the key
                 error = exc
-            ref._dirty = True
             if timers.table.get(name) is entry:  # the handler did not replace or unschedule it
                 now = self.wall()
                 if error is None:
@@ -460,16 +459,14 @@ class TimerService:
             elif error is not None:
                 logger.error("keyhive: %s: timer %r of key %r failed: %r", core.name, name, ref.key,
                              error, exc_info=error)
-            if core.committer is not None:
-                durable = core.committer.turn_ended(ref)
-        finally:
+        except BaseException:
             ref._release()
-        if durable is not None:
-            try:
-                await durable
-            except Exception as exc:  # noqa: BLE001  # the state stays in memory; the next write carries it
-                logger.warning("keyhive: %s: write after timer %r of key %r failed: %r",
-                               core.name, name, ref.key, exc)
+            raise
+        # the turn ends as every turn does: queue its write, release, wait until durable
+        failed = await ref._close_turn(None)
+        if failed is not None:  # the state stays in memory; the next write carries it
+            logger.warning("keyhive: %s: write after timer %r of key %r failed: %r",
+                           core.name, name, ref.key, failed)
         return True
 
     @staticmethod
